@@ -1,0 +1,1 @@
+"""The ``crossstitch`` command line: parses, calls the library, renders."""

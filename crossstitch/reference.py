@@ -1,0 +1,77 @@
+"""The reference formulation: the plainest reading of the cross-stitch formula, for parity checks.
+
+Kept apart from ``units.py`` on purpose: it shares the backbones' modules and the unit weights
+with the model under test, but none of its stitching code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from crossstitch.backbone import CrossStitchBackbone
+
+
+def reference_stitch(weight: Tensor, xs: list[Tensor], channel_dim: int) -> list[Tensor]:
+    """``x̂_i = Σ_j A[i, j] ⊙ x_j``: per pair a broadcast product, stacked in task order, summed."""
+    num_tasks = len(xs)
+    outputs = []
+    for i in range(num_tasks):
+        products = []
+        for j in range(num_tasks):
+            a = weight[i, j]
+            if a.dim() == 1:
+                shape = [1] * xs[j].dim()
+                shape[channel_dim] = a.numel()
+                a = a.view(shape)
+            products.append(a * xs[j])
+        outputs.append(torch.sum(torch.stack(products), dim=0))
+    return outputs
+
+
+def reference_forward(model: CrossStitchBackbone, x: Tensor) -> dict[str, Tensor]:
+    """Run ``model``'s backbones stage by stage, stitching with ``reference_stitch``."""
+    tasks = model.tasks
+    feats = [model.backbones[t].stem(x) for t in tasks]
+    for name in model.backbones[tasks[0]].stages:
+        feats = [model.backbones[t].stages[name](f) for t, f in zip(tasks, feats, strict=True)]
+        if name in model.cross_stitch:
+            feats = reference_stitch(model.cross_stitch[name].weight, feats, model.channel_dim)
+    return dict(zip(tasks, feats, strict=True))
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """Comparison of one output of the model with the reference."""
+
+    task: str
+    shape: tuple[int, ...]
+    identical: bool
+    max_abs_error: float
+
+    @property
+    def passed(self) -> bool:
+        return self.identical
+
+
+@torch.no_grad()
+def check_parity(model: CrossStitchBackbone, x: Tensor) -> list[ParityResult]:
+    """Compare ``model(x)`` with the reference formulation, output by output, for bit equality."""
+    was_training = model.training
+    model.eval()
+    try:
+        got = model(x)
+        want = reference_forward(model, x)
+    finally:
+        model.train(was_training)
+    return [
+        ParityResult(
+            task=task,
+            shape=tuple(got[task].shape),
+            identical=torch.equal(got[task], want[task]),
+            max_abs_error=(got[task] - want[task]).abs().max().item(),
+        )
+        for task in model.tasks
+    ]

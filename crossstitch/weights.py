@@ -1,0 +1,115 @@
+"""Initial weights for the task backbones: torchvision's named weights or state_dict files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from crossstitch.errors import CrossStitchError
+from crossstitch.stages import arch_spec
+
+NO_WEIGHTS = ("none", "")
+
+
+def resolve_weights(arch: str, weights: str | None) -> str | None:
+    """Normalise a weights name: ``None``/``"none"`` mean random init; others must exist."""
+    if weights is None or weights.lower() in NO_WEIGHTS:
+        return None
+    available = arch_spec(arch).weights
+    if weights not in available:
+        raise CrossStitchError(
+            f"unknown weights '{weights}' for {arch}; available: {', '.join(available)} or none"
+        )
+    return weights
+
+
+def cached_weights_path(arch: str, weights: str) -> Path:
+    """Where torchvision looks for the file of named weights before downloading it."""
+    url = torchvision.models.get_model_weights(arch)[weights].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def build_classifier(arch: str, weights: str | None) -> nn.Module:
+    """The torchvision classifier ``arch``, randomly initialised or with named weights.
+
+    Named weights come from torchvision's cache, or are downloaded into it; offline and not
+    cached, the error names the file torchvision expects and the ``--weights-file`` way round.
+    """
+    if weights is None:
+        return torchvision.models.get_model(arch)
+    try:
+        return torchvision.models.get_model(arch, weights=weights)
+    except (URLError, OSError, RuntimeError) as exc:
+        path = cached_weights_path(arch, weights)
+        reason = getattr(exc, "reason", None) or exc
+        raise CrossStitchError(
+            f"weights {weights} for {arch} are not available ({reason}); torchvision expects "
+            f"the file at {path} ($TORCH_HOME/hub/checkpoints), or pass --weights-file PATH"
+        ) from exc
+
+
+def load_state_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a state_dict file safely (``weights_only=True``), as torchvision saves them.
+
+    A dict with a ``"model"`` or ``"state_dict"`` entry (training checkpoints) is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CrossStitchError(f"weights file {path} does not exist or is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CrossStitchError(f"{path} is not a readable state_dict file: {first_line}") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise CrossStitchError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def _listing(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def apply_state(
+    model: nn.Module, state: Mapping[str, Tensor], head: tuple[str, ...], source: str
+) -> None:
+    """Load a classifier's state_dict into ``model``, ignoring the head the backbone drops.
+
+    Any other missing, unexpected or misshapen key is an error that names the keys.
+    """
+    expected = model.state_dict()
+
+    def in_head(key: str) -> bool:
+        return key.split(".", 1)[0] in head
+
+    missing = [k for k in expected if k not in state and not in_head(k)]
+    unexpected = [k for k in state if k not in expected and not in_head(k)]
+    misshapen = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and not in_head(k) and state[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{label}: {_listing(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch", misshapen),
+        )
+        if keys
+    ]
+    if problems:
+        raise CrossStitchError(f"{source} does not fit this architecture; {'; '.join(problems)}")
+    model.load_state_dict({k: v for k, v in state.items() if not in_head(k)}, strict=False)

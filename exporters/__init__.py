@@ -1,0 +1,1 @@
+"""Exporters of cross-stitch models to deployable formats (ONNX, TorchScript, torch.export)."""

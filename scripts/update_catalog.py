@@ -1,0 +1,64 @@
+"""Regenerate crossstitch/catalog.json from the installed torchvision.
+
+Every architecture whose model class has a stage adapter is listed with its stages (probed on
+the meta device, so nothing is allocated) and the names of its pretrained weights.
+Run: python scripts/update_catalog.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+
+from crossstitch.backbone import PROBE_SIZE, TaskBackbone, probe_shapes
+from crossstitch.families import FAMILIES
+
+CATALOG = Path(__file__).resolve().parents[1] / "crossstitch" / "catalog.json"
+
+
+def describe(arch: str) -> dict | None:
+    """The catalogue entry for ``arch``, or None when no family adapter covers it."""
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch)
+    except NotImplementedError:  # builders that compute with tensors (RegNet) need real memory
+        model = torchvision.models.get_model(arch)
+    family = next((f for f in FAMILIES.values() if isinstance(model, f.model_type)), None)
+    if family is None:
+        return None
+    shapes = probe_shapes(TaskBackbone(family.split(model)), (PROBE_SIZE, PROBE_SIZE))
+    spatial = 2 if family.channel_dim == 1 else 1
+    return {
+        "family": family.name,
+        "stages": [
+            [name, shape[family.channel_dim], PROBE_SIZE // shape[spatial]]
+            for name, shape in shapes.items()
+        ],
+        "weights": list(torchvision.models.get_model_weights(arch).__members__),
+    }
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts resnet18 before resnet101."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def build_catalog() -> dict:
+    """The catalogue as written to disk."""
+    entries = {}
+    for arch in sorted(torchvision.models.list_models(module=torchvision.models), key=_natural):
+        entry = describe(arch)
+        if entry is not None:
+            entries[arch] = entry
+    return {"torchvision": torchvision.__version__.split("+")[0], "architectures": entries}
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("ignore")
+    CATALOG.write_text(json.dumps(build_catalog(), indent=1) + "\n")
+    print(f"wrote {CATALOG}")

@@ -1,0 +1,28 @@
+"""Small builders and inputs shared by the tests: random init, 64 px images, fast."""
+
+from __future__ import annotations
+
+import torch
+
+import crossstitch
+
+SMALL = 64
+
+
+def randomize_units(model: crossstitch.CrossStitchBackbone, seed: int = 0) -> None:
+    """Give every unit non-trivial values so parity tests exercise all products."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for unit in model.cross_stitch.values():
+            unit.weight.copy_(torch.rand(unit.weight.shape, generator=generator) * 2 - 1)
+
+
+def build(
+    arch: str = "resnet18", tasks=("seg", "depth"), **kwargs
+) -> crossstitch.CrossStitchBackbone:
+    torch.manual_seed(0)
+    return crossstitch.CrossStitchBackbone.from_torchvision(arch, list(tasks), **kwargs)
+
+
+def image(batch: int = 2, size: int = SMALL, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))

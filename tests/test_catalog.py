@@ -1,0 +1,47 @@
+"""The catalogue that `crossstitch list` reads agrees with torchvision and with built models."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from crossstitch.stages import architectures
+from helpers import build
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "update_catalog.py"
+
+
+@pytest.fixture(scope="module")
+def generator():
+    spec = importlib.util.spec_from_file_location("update_catalog", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_catalog_matches_torchvision(generator):
+    for name, spec in architectures().items():
+        entry = generator.describe(name)
+        assert entry["family"] == spec.family
+        assert [tuple(s) for s in entry["stages"]] == [
+            (s.name, s.channels, s.reduction) for s in spec.stages
+        ]
+        assert tuple(entry["weights"]) == spec.weights
+
+
+def test_issue_families_are_all_listed():
+    names = set(architectures())
+    for arch in [
+        "resnet18",
+        "resnet152",
+        "resnext50_32x4d",
+        "wide_resnet50_2",
+        "vgg11",
+        "vgg19_bn",
+    ]:
+        assert arch in names
+
+
+@pytest.mark.parametrize("arch", ["resnext50_32x4d", "vgg13"])
+def test_built_model_stages_match_catalog(arch):
+    assert tuple(build(arch).stages) == architectures()[arch].stages
