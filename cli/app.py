@@ -6,6 +6,7 @@ answer quickly.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import traceback
@@ -20,6 +21,7 @@ from typer.core import TyperGroup
 
 import crossstitch
 from crossstitch.errors import CrossStitchError
+from crossstitch.exporters.errors import ExportFailed
 from crossstitch.stages import arch_spec, architectures
 
 from . import render
@@ -73,6 +75,11 @@ def _run(main: Any, args: list[str], prog_name: str | None, debug: bool, **extra
             traceback.print_exc()
         render.error(str(exc))
         return 2
+    except ExportFailed as exc:
+        if debug:
+            traceback.print_exc()
+        render.error(str(exc), "Rerun with --debug for the exporter's log and traceback.")
+        return 1
     except Exception as exc:
         if debug:
             traceback.print_exc()
@@ -230,6 +237,220 @@ def build(
         render.emit_json({"output": str(output), "config": model.config, "summary": summary})
     else:
         render.build_summary(summary, str(output), seed)
+
+
+FORMAT_CHOICES = ("onnx", "torchscript", "pt2", "all")
+
+
+def _tolerance(name: str, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise CrossStitchError(f"--{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _formats(value: str) -> list[str]:
+    if value not in FORMAT_CHOICES:
+        raise CrossStitchError(f"unknown format '{value}'; use one of: {', '.join(FORMAT_CHOICES)}")
+    return list(FORMAT_CHOICES[:-1]) if value == "all" else [value]
+
+
+@app.command()
+def export(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript, pt2 or all.")],
+    model_path: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to export.")] = Path(
+        "crossstitch.pt"
+    ),
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Artifact file; with --format all, the path before each format's suffix. "
+            "[default: beside the model, e.g. crossstitch.onnx]",
+        ),
+    ] = None,
+    opset: Annotated[
+        int | None,
+        typer.Option(help="ONNX opset [default: the newest the installed onnxruntime runs]."),
+    ] = None,
+    static: Annotated[
+        bool, typer.Option("--static", help="Fix batch, height and width to the export input.")
+    ] = False,
+    input_size: Annotated[
+        list[int] | None,
+        typer.Option(metavar="SIZE|H W", help="Example input size for the export [default: 224]."),
+    ] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip verifying the artifact with its runtime.")
+    ] = False,
+    atol: Annotated[
+        float | None, typer.Option(help="Absolute tolerance [default: per format].")
+    ] = None,
+    rtol: Annotated[
+        float | None, typer.Option(help="Relative tolerance [default: per format].")
+    ] = None,
+    keep_failed: Annotated[
+        bool, typer.Option("--keep-failed", help="Write the artifact even if verification fails.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the verification inputs.")] = 0,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Export a checkpoint to ONNX, TorchScript and/or pt2, verifying each artifact."""
+    from crossstitch.checkpoint import load
+    from crossstitch.exporters import onnx
+    from crossstitch.exporters.common import ExportOptions
+    from crossstitch.exporters.formats import FORMATS, default_path
+    from crossstitch.exporters.pipeline import export_verified
+    from crossstitch.files import check_output_path
+
+    formats = _formats(fmt)
+    size = _input_size(input_size or [224])
+    atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
+    if opset is not None and not onnx.MIN_OPSET <= opset <= onnx.newest_opset():
+        raise CrossStitchError(
+            f"--opset {opset} is not supported; use {onnx.MIN_OPSET} to {onnx.newest_opset()}"
+        )
+    if fmt == "all" and output is not None:
+        destinations = {f: output.with_name(output.name + FORMATS[f].SUFFIX) for f in formats}
+    else:
+        destinations = {f: output or default_path(model_path, f) for f in formats}
+    for destination in destinations.values():
+        check_output_path(destination)
+    with render.working(f"Loading {model_path}", quiet=json_output):
+        model = load(model_path)
+    results = []
+    for name, destination in destinations.items():
+        with render.working(f"Exporting {name} to {destination}", quiet=json_output):
+            results.append(
+                export_verified(
+                    model,
+                    name,
+                    destination,
+                    size,
+                    ExportOptions(dynamic=not static, opset=opset),
+                    verify=not no_verify,
+                    atol=atol,
+                    rtol=rtol,
+                    seed=seed,
+                    keep_failed=keep_failed,
+                )
+            )
+    if json_output:
+        render.emit_json({"model": str(model_path), "artifacts": results})
+    else:
+        render.export_results(results, debug)
+    if not all(r.passed for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="A checkpoint or an exported artifact.")] = Path(
+        "crossstitch.pt"
+    ),
+    against: Annotated[
+        str | None,
+        typer.Option(
+            help="reference (for a checkpoint) or the checkpoint an artifact came from "
+            "[default: reference for a checkpoint, crossstitch.pt for an artifact]."
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(help="Batch size of the inputs [default: 3].")
+    ] = None,
+    input_size: Annotated[
+        list[int] | None,
+        typer.Option(metavar="SIZE|H W", help="Input size [default: export size + (32, 64)]."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs (reported).")] = 0,
+    atol: Annotated[
+        float | None, typer.Option(help="Absolute tolerance [default: per format].")
+    ] = None,
+    rtol: Annotated[
+        float | None, typer.Option(help="Relative tolerance [default: per format].")
+    ] = None,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Check a checkpoint against the reference, or an artifact against its checkpoint."""
+    from crossstitch.checkpoint import load
+    from crossstitch.exporters.formats import CHECKPOINT, FORMATS, detect
+    from crossstitch.exporters.pipeline import Inputs, compare_artifact, verification_inputs
+    from crossstitch.reference import check_parity
+
+    if batch is not None and batch < 1:
+        raise CrossStitchError(f"--batch must be a positive integer, got {batch}")
+    size = _input_size(input_size) if input_size else None
+    atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
+    kind = detect(path)
+    if kind == CHECKPOINT:
+        if against not in (None, "reference"):
+            raise CrossStitchError(
+                f"{path} is a checkpoint: it is verified against the reference formulation "
+                "(--against reference); compare artifacts with a checkpoint instead"
+            )
+        with render.working(f"Loading {path}", quiet=json_output):
+            model = load(path)
+        height, width = size or (256, 288)
+        inputs = Inputs(batch or 3, height, width, seed)
+        with render.working("Comparing with the reference formulation", quiet=json_output):
+            results = check_parity(model, inputs.tensor())
+        passed = all(r.passed for r in results)
+        if json_output:
+            render.emit_json(
+                {
+                    "path": str(path),
+                    "against": "reference",
+                    "inputs": inputs,
+                    "passed": passed,
+                    "outputs": results,
+                }
+            )
+        else:
+            render.parity_report(path, inputs, results)
+    else:
+        if against == "reference":
+            raise CrossStitchError(
+                f"{path} is a {kind} artifact: it is verified against the checkpoint it came from "
+                "(--against PATH, default crossstitch.pt)"
+            )
+        checkpoint = Path(against or "crossstitch.pt")
+        module = FORMATS[kind]
+        with render.working(f"Loading {path} and {checkpoint}", quiet=json_output):
+            artifact = module.load(path)
+            model = load(checkpoint)
+        inputs = verification_inputs(
+            artifact.config["export_input"], artifact.config["dynamic"], seed
+        )
+        if batch or size:
+            height, width = size or (inputs.height, inputs.width)
+            inputs = Inputs(batch or inputs.batch, height, width, seed)
+        with render.working(f"Running {path} with its runtime", quiet=json_output):
+            comparison = compare_artifact(
+                artifact,
+                path,
+                model,
+                inputs,
+                module.ATOL if atol is None else atol,
+                module.RTOL if rtol is None else rtol,
+            )
+        passed = comparison.passed
+        if json_output:
+            render.emit_json(
+                {
+                    "path": str(path),
+                    "format": kind,
+                    "against": str(checkpoint),
+                    "inputs": inputs,
+                    "passed": passed,
+                    "comparison": comparison,
+                }
+            )
+        else:
+            render.comparison_report(f"{path} ({kind}) against {checkpoint}", inputs, comparison)
+    if not passed:
+        raise typer.Exit(1)
 
 
 @app.command(name="list")

@@ -27,12 +27,21 @@ def error(message: str, hint: str | None = None) -> None:
 
 def emit_json(payload: Any) -> None:
     """The machine-readable result: JSON on stdout and nothing else there."""
-    sys.stdout.write(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    sys.stdout.write(json.dumps(_plain(payload), indent=2, allow_nan=False) + "\n")
 
 
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
+def _plain(value: Any) -> Any:
+    """Dataclasses, paths and tuples as JSON values; NaN (no value) as null."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
     return str(value)
 
 
@@ -113,3 +122,99 @@ def arch_table(specs: list[ArchSpec]) -> None:
             " ".join(spec.weights),
         )
     stdout.print(table)
+
+
+def _verdict(passed: bool) -> str:
+    return "[bold green]PASS[/]" if passed else "[bold red]FAIL[/]"
+
+
+def _error(value: float) -> str:
+    return "-" if value != value else f"{value:.3g}"
+
+
+def _inputs(inputs: Any) -> str:
+    return f"inputs {inputs.batch}×3×{inputs.height}×{inputs.width}, seed {inputs.seed}"
+
+
+def comparison_table(title: str, comparison: Any) -> Table:
+    """Per output: shape, error statistics, tolerance and verdict (as polygraphy reports them)."""
+    table = Table(title=title, title_justify="left")
+    for column in ("output", "shape", "max abs err", "mean abs err", "max rel err"):
+        table.add_column(column, justify="left" if column in ("output", "shape") else "right")
+    table.add_column("tolerance", justify="right")
+    table.add_column("result")
+    for row in comparison.outputs:
+        shape = "×".join(map(str, row.shape)) if row.shape else "-"
+        if row.problem:
+            expected = "×".join(map(str, row.expected_shape or ())) or "-"
+            shape = f"{shape} ({row.problem}, expected {expected})"
+        table.add_row(
+            row.name,
+            shape,
+            _error(row.max_abs_error),
+            _error(row.mean_abs_error),
+            _error(row.max_rel_error),
+            _error(row.tolerance),
+            _verdict(row.passed),
+        )
+    return table
+
+
+def comparison_report(title: str, inputs: Any, comparison: Any) -> None:
+    """``crossstitch verify`` of an artifact."""
+    stdout.print(comparison_table(title, comparison))
+    stdout.print(
+        f"{_inputs(inputs)}; PASS when max abs err <= atol + rtol × max|expected| "
+        f"(atol {comparison.atol:g}, rtol {comparison.rtol:g})"
+    )
+    stdout.print(_verdict(comparison.passed))
+
+
+def parity_report(path: Any, inputs: Any, results: list) -> None:
+    """``crossstitch verify`` of a checkpoint against the reference formulation."""
+    table = Table(title=f"{path} against the reference formulation", title_justify="left")
+    for column in ("output", "shape", "max abs err", "mean abs err", "tolerance", "result"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(
+            r.task,
+            "×".join(map(str, r.shape)),
+            _error(r.max_abs_error),
+            _error(r.mean_abs_error),
+            "bit-exact",
+            _verdict(r.passed),
+        )
+    stdout.print(table)
+    stdout.print(_inputs(inputs))
+    stdout.print(_verdict(all(r.passed for r in results)))
+
+
+def export_results(results: list, debug: bool) -> None:
+    """``crossstitch export``: one row per artifact, then each verification's details."""
+    table = Table(title="Exported artifacts", title_justify="left")
+    for column in ("format", "file", "how", "size", "export", "verification"):
+        table.add_column(column, no_wrap=column != "how")
+    for r in results:
+        how = r.details.get("exporter") or r.details.get("method") or "torch.export"
+        if "opset" in r.details:
+            how = f"{how}, opset {r.details['opset']}"
+        if r.details.get("external_data"):
+            how += ", external data"
+        if r.comparison is None:
+            verdict = "not verified"
+        else:
+            verdict = _verdict(r.passed) + ("" if r.written else " (not written)")
+        table.add_row(
+            r.format,
+            str(r.path),
+            how,
+            f"{r.size_bytes / 1e6:.1f} MB",
+            f"{r.seconds:.1f} s",
+            verdict,
+        )
+    stdout.print(table)
+    for r in results:
+        if r.comparison is not None:
+            stdout.print(comparison_table(f"{r.format}: {_inputs(r.inputs)}", r.comparison))
+        if debug and r.details.get("log"):
+            stderr.print(r.details["log"], markup=False)

@@ -50,6 +50,7 @@ class ParityResult:
     shape: tuple[int, ...]
     identical: bool
     max_abs_error: float
+    mean_abs_error: float
 
     @property
     def passed(self) -> bool:
@@ -66,12 +67,16 @@ def check_parity(model: CrossStitchBackbone, x: Tensor) -> list[ParityResult]:
         want = reference_forward(model, x)
     finally:
         model.train(was_training)
-    return [
-        ParityResult(
-            task=task,
-            shape=tuple(got[task].shape),
-            identical=torch.equal(got[task], want[task]),
-            max_abs_error=(got[task] - want[task]).abs().max().item(),
+    results = []
+    for task in model.tasks:
+        error = (got[task] - want[task]).abs()
+        results.append(
+            ParityResult(
+                task=task,
+                shape=tuple(got[task].shape),
+                identical=torch.equal(got[task], want[task]),
+                max_abs_error=error.max().item(),
+                mean_abs_error=error.mean().item(),
+            )
         )
-        for task in model.tasks
-    ]
+    return results

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
+import crossstitch
 from crossstitch.cli.app import app
+from helpers import build, randomize_units
 
 
 @pytest.fixture
@@ -19,3 +23,27 @@ def cli(tmp_path, monkeypatch):
         return result.exit_code, result.stdout, result.stderr
 
     return run
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """A ResNet-18 checkpoint with two tasks, exported to every format by the CLI."""
+    folder = tmp_path_factory.mktemp("exported")
+    model = build()
+    randomize_units(model)
+    crossstitch.save(model, folder / "crossstitch.pt")
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "--model",
+            str(folder / "crossstitch.pt"),
+            "--format",
+            "all",
+            "--input-size",
+            "96",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    return folder, json.loads(result.stdout)

@@ -1,0 +1,80 @@
+"""What every format module shares: export options, dynamic shapes, quiet library calls."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import Tensor
+from torch.export import Dim
+
+import crossstitch
+from crossstitch.backbone import CrossStitchBackbone
+
+INPUT_NAME = "image"
+QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded artifact: the config stored in it, and its runtime as a function."""
+
+    config: dict
+    run: Callable[[Tensor], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Choices that shape an artifact: free or fixed input shape, and the ONNX opset."""
+
+    dynamic: bool = True
+    opset: int | None = None
+
+
+def dynamic_shapes(dynamic: bool) -> dict | None:
+    """torch.export dynamic shapes for the image input: batch, height and width free.
+
+    Height and width use ``Dim.AUTO``: torch.export derives the smallest size at which every
+    stage still has features larger than 1x1, which is architecture-specific.
+    """
+    if not dynamic:
+        return None
+    return {"x": {0: Dim("batch", min=1), 2: Dim.AUTO, 3: Dim.AUTO}}
+
+
+def artifact_config(model: CrossStitchBackbone, example: Tensor, options: ExportOptions) -> str:
+    """The model's config as JSON, with the export's input shape, stored inside every artifact."""
+    return json.dumps(
+        {
+            **model.config,
+            "crossstitch": crossstitch.__version__,
+            "export_input": list(example.shape),
+            "dynamic": options.dynamic,
+        },
+        sort_keys=True,
+    )
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[io.StringIO]:
+    """Keep exporter chatter (prints, warnings, log records) off the screen; yields the text."""
+    captured = io.StringIO()
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    with (
+        contextlib.redirect_stdout(captured),
+        contextlib.redirect_stderr(captured),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield captured
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)

@@ -1,0 +1,161 @@
+"""ONNX: torch.onnx's dynamo exporter, checked with onnx.checker, run with onnxruntime (CPU)."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import torch
+from torch import Tensor
+
+from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.errors import CrossStitchError
+
+from .common import INPUT_NAME, Artifact, ExportOptions, artifact_config, dynamic_shapes, quiet
+
+NAME = "onnx"
+SUFFIX = ".onnx"
+ATOL, RTOL = 1e-4, 1e-3
+MIN_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+CONFIG_KEY = "crossstitch.config"
+
+
+@cache
+def newest_opset() -> int:
+    """The newest opset the installed onnxruntime loads, probed with a one-node model."""
+    for opset in range(onnx.defs.onnx_opset_version(), MIN_OPSET - 1, -1):
+        probe = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                [onnx.helper.make_node("Identity", ["x"], ["y"])],
+                "probe",
+                [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+            ),
+            opset_imports=[onnx.helper.make_opsetid("", opset)],
+        )
+        try:
+            onnxruntime.InferenceSession(
+                probe.SerializeToString(), providers=["CPUExecutionProvider"]
+            )
+        except Exception:
+            continue
+        return opset
+    return MIN_OPSET
+
+
+def _weights_bytes(model: CrossStitchBackbone) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def metadata(
+    model: CrossStitchBackbone, example: Tensor, options: ExportOptions, opset: int
+) -> dict[str, str]:
+    """The config as ``metadata_props``: the whole config as JSON, and its main fields."""
+    config = model.config
+    return {
+        CONFIG_KEY: artifact_config(model, example, options),
+        "crossstitch.arch": str(config.get("arch")),
+        "crossstitch.tasks": ",".join(model.tasks),
+        "crossstitch.stages": ",".join(config["stages"]),
+        "crossstitch.alpha": repr(config["alpha"]),
+        "crossstitch.beta": repr(config["beta"]),
+        "crossstitch.granularity": config["granularity"],
+        "crossstitch.opset": str(opset),
+    }
+
+
+def export(
+    model: CrossStitchBackbone, path: Path, example: Tensor, options: ExportOptions
+) -> dict[str, Any]:
+    """Export with the dynamo exporter; the TorchScript-based exporter only if that fails."""
+    opset = options.opset or newest_opset()
+    external = _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    names = {"input_names": [INPUT_NAME], "output_names": list(model.tasks)}
+    props = metadata(model, example, options, opset)
+    details: dict[str, Any] = {"opset": opset, "external_data": external}
+    with quiet() as log:
+        try:
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                verbose=False,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes(options.dynamic),
+                **names,
+            )
+            program.model.metadata_props.update(props)
+            program.save(path, external_data=external)
+            details["exporter"] = "dynamo"
+        except Exception as exc:
+            details["exporter"] = f"torchscript-based (dynamo exporter failed: {exc})".splitlines()[
+                0
+            ]
+            axes = {0: "batch", 2: "height", 3: "width"}
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=min(opset, 20),
+                dynamic_axes={n: axes for n in [INPUT_NAME, *model.tasks]}
+                if options.dynamic
+                else None,
+                **names,
+            )
+            proto = onnx.load(str(path))
+            onnx.helper.set_model_props(proto, props)
+            onnx.save_model(proto, str(path), save_as_external_data=external)
+    details["log"] = log.getvalue()
+    onnx.checker.check_model(str(path), full_check=True)
+    return details
+
+
+def looks_like_onnx(path: Path) -> bool:
+    """Whether the file parses as an ONNX model with a graph (weights are not read)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return len(proto.graph.node) > 0
+
+
+def read_config(path: Path) -> dict:
+    """The crossstitch config stored in an ONNX file; foreign files are refused."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise CrossStitchError(
+            f"{path} is not a readable ONNX model ({exc})".splitlines()[0]
+        ) from exc
+    props = {p.key: p.value for p in proto.metadata_props}
+    if CONFIG_KEY not in props or [i.name for i in proto.graph.input] != [INPUT_NAME]:
+        raise CrossStitchError(f"{path} is an ONNX model, but not one exported by crossstitch")
+    return json.loads(props[CONFIG_KEY])
+
+
+def load(path: Path) -> Artifact:
+    """An onnxruntime session on the CPU provider, wrapped to take and give tensors."""
+    config = read_config(path)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise CrossStitchError(f"onnxruntime cannot load {path} ({exc})".splitlines()[0]) from exc
+    names = [o.name for o in session.get_outputs()]
+
+    def run(x: Tensor) -> dict[str, Tensor]:
+        outputs = session.run(names, {INPUT_NAME: x.numpy()})
+        return {name: torch.from_numpy(out) for name, out in zip(names, outputs, strict=True)}
+
+    return Artifact(config, run)

@@ -1,0 +1,58 @@
+"""pt2: a ``torch.export`` program with dynamic batch, height and width."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.errors import CrossStitchError
+
+from .common import Artifact, ExportOptions, artifact_config, dynamic_shapes, quiet
+
+NAME = "pt2"
+SUFFIX = ".pt2"
+ATOL, RTOL = 1e-5, 1e-5
+CONFIG_FILE = "crossstitch.json"
+
+
+def export(
+    model: CrossStitchBackbone, path: Path, example: Tensor, options: ExportOptions
+) -> dict[str, Any]:
+    """``torch.export.export`` then ``torch.export.save`` with the config as an extra file."""
+    with quiet() as log:
+        program = torch.export.export(
+            model, (example,), dynamic_shapes=dynamic_shapes(options.dynamic)
+        )
+        config = artifact_config(model, example, options)
+        torch.export.save(program, path, extra_files={CONFIG_FILE: config})
+    ranges = {str(k): str(v) for k, v in program.range_constraints.items()}
+    return {"dynamic": options.dynamic, "ranges": ranges, "log": log.getvalue()}
+
+
+def _load(path: Path) -> tuple[torch.export.ExportedProgram, str]:
+    extra = {CONFIG_FILE: ""}
+    try:
+        with quiet():
+            program = torch.export.load(path, extra_files=extra)
+    except Exception as exc:
+        raise CrossStitchError(f"{path} is not a loadable torch.export (pt2) file") from exc
+    if not extra[CONFIG_FILE]:
+        raise CrossStitchError(f"{path} is a pt2 file, but not one exported by crossstitch")
+    return program, extra[CONFIG_FILE]
+
+
+def load(path: Path) -> Artifact:
+    """The exported program as a callable module, and the config saved in the archive."""
+    program, config = _load(path)
+    module = program.module()
+
+    def run(x: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return dict(module(x))
+
+    return Artifact(json.loads(config), run)

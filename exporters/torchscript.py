@@ -1,0 +1,64 @@
+"""TorchScript: scripted where torch.jit can compile the model, traced otherwise.
+
+torch.jit is deprecated in current PyTorch; pt2 (torch.export) is the forward-looking format.
+The artifact needs only torch to load, not crossstitch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.errors import CrossStitchError
+
+from .common import Artifact, ExportOptions, artifact_config, quiet
+
+NAME = "torchscript"
+SUFFIX = ".torchscript.pt"
+ATOL, RTOL = 1e-5, 1e-5
+CONFIG_FILE = "crossstitch.json"
+
+
+def export(
+    model: CrossStitchBackbone, path: Path, example: Tensor, options: ExportOptions
+) -> dict[str, Any]:
+    """Script the model, or trace it on ``example`` when scripting fails; say which."""
+    with quiet() as log:
+        try:
+            module = torch.jit.script(model)
+            method, why = "scripted", None
+        except Exception as exc:
+            module = torch.jit.trace(model, (example,), strict=False, check_trace=False)
+            method, why = "traced", f"not scriptable: {str(exc).strip().splitlines()[0]}"
+        config = artifact_config(model, example, options)
+        torch.jit.save(module, str(path), _extra_files={CONFIG_FILE: config})
+    return {"method": method, "why": why, "dynamic": options.dynamic, "log": log.getvalue()}
+
+
+def _load(path: Path) -> tuple[torch.jit.ScriptModule, str]:
+    extra = {CONFIG_FILE: ""}
+    try:
+        with quiet():
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as exc:
+        raise CrossStitchError(f"{path} is not a loadable TorchScript file") from exc
+    if not extra[CONFIG_FILE]:
+        raise CrossStitchError(f"{path} is a TorchScript file, but not one exported by crossstitch")
+    return module, extra[CONFIG_FILE]
+
+
+def load(path: Path) -> Artifact:
+    """The TorchScript module in eval mode, and the config saved beside its code."""
+    module, config = _load(path)
+    module.eval()
+
+    def run(x: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return dict(module(x))
+
+    return Artifact(json.loads(config), run)
