@@ -1,8 +1,13 @@
 """`crossstitch verify` and `crossstitch export` from the command line, good input and bad."""
 
 import json
+import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import onnx
 import pytest
@@ -167,3 +172,26 @@ def test_export_json_is_the_only_thing_on_stdout(cli, folder):
     assert code == 0, err
     result = json.loads(out)
     assert result["artifacts"][0]["details"]["method"] in ("scripted", "traced")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_export_leaves_no_temporaries_and_keeps_the_old_file(folder, sig):
+    exe = shutil.which("crossstitch", path=os.path.dirname(sys.executable)) or "crossstitch"
+    previous = (folder / "crossstitch.onnx").read_bytes()
+    process = subprocess.Popen(
+        [exe, "export", "--format", "onnx"],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not list(folder.glob(".crossstitch.onnx.*")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode in (130, 128 + sig), err
+    assert b"Traceback" not in err
+    assert not list(folder.glob(".*")), list(folder.glob(".*"))
+    assert (folder / "crossstitch.onnx").read_bytes() == previous
