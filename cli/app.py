@@ -207,13 +207,17 @@ def build(
     debug: DebugOption = False,
 ) -> None:
     """Build a cross-stitch network, print its stages and save the checkpoint."""
-    from crossstitch.checkpoint import save
     from crossstitch.files import check_output_path
-    from crossstitch.summary import summarize
 
     check_output_path(output)
     size = _input_size(input_size or [224])
     spec = arch_spec(arch)
+
+    import torch
+
+    from crossstitch.checkpoint import save
+    from crossstitch.summary import summarize
+
     stitched = split_commas(stages or ["all"])
     options = dict(
         tasks=split_commas(tasks),
@@ -225,8 +229,6 @@ def build(
         task_weights=_task_weights(task_weights or []),
         weights_file=str(weights_file) if weights_file else None,
     )
-    import torch
-
     torch.manual_seed(seed)
     with render.working(f"Building {spec.name}", quiet=json_output):
         model = crossstitch.CrossStitchBackbone.from_torchvision(spec.name, **options)
@@ -297,6 +299,10 @@ def export(
     debug: DebugOption = False,
 ) -> None:
     """Export a checkpoint to ONNX, TorchScript and/or pt2, verifying each artifact."""
+    formats = _formats(fmt)
+    size = _input_size(input_size or [224])
+    atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
+
     from crossstitch.checkpoint import load
     from crossstitch.exporters import onnx
     from crossstitch.exporters.common import ExportOptions
@@ -304,9 +310,6 @@ def export(
     from crossstitch.exporters.pipeline import export_verified
     from crossstitch.files import check_output_path
 
-    formats = _formats(fmt)
-    size = _input_size(input_size or [224])
-    atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
     if opset is not None and not onnx.MIN_OPSET <= opset <= onnx.newest_opset():
         raise CrossStitchError(
             f"--opset {opset} is not supported; use {onnx.MIN_OPSET} to {onnx.newest_opset()}"
@@ -374,15 +377,16 @@ def verify(
     debug: DebugOption = False,
 ) -> None:
     """Check a checkpoint against the reference, or an artifact against its checkpoint."""
+    if batch is not None and batch < 1:
+        raise CrossStitchError(f"--batch must be a positive integer, got {batch}")
+    size = _input_size(input_size) if input_size else None
+    atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
+
     from crossstitch.checkpoint import load
     from crossstitch.exporters.formats import CHECKPOINT, FORMATS, detect
     from crossstitch.exporters.pipeline import Inputs, compare_artifact, verification_inputs
     from crossstitch.reference import check_parity
 
-    if batch is not None and batch < 1:
-        raise CrossStitchError(f"--batch must be a positive integer, got {batch}")
-    size = _input_size(input_size) if input_size else None
-    atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
     kind = detect(path)
     if kind == CHECKPOINT:
         if against not in (None, "reference"):
@@ -451,6 +455,82 @@ def verify(
             render.comparison_report(f"{path} ({kind}) against {checkpoint}", inputs, comparison)
     if not passed:
         raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    arch: Annotated[
+        str | None,
+        typer.Argument(metavar="[ARCH]", help="Build this architecture in memory (with --tasks)."),
+    ] = None,
+    tasks: Annotated[
+        list[str] | None, typer.Option("--tasks", "-t", help="Task names, with ARCH.")
+    ] = None,
+    model_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Checkpoint to time, with the artifacts exported beside it "
+            "[default: crossstitch.pt when no ARCH is given].",
+        ),
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 4,
+    input_size: Annotated[
+        list[int] | None, typer.Option(metavar="SIZE|H W", help="Input size [default: 128].")
+    ] = None,
+    runs: Annotated[int, typer.Option(help="Timed calls per variant.")] = 10,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch and onnxruntime [default: torch's].")
+    ] = None,
+    training: Annotated[
+        bool, typer.Option("--training/--no-training", help="Also time a training step.")
+    ] = True,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Time the model against its bare backbones and its exported artifacts."""
+    size = _input_size(input_size or [128])
+    for name, value in (("batch", batch), ("runs", runs), ("threads", threads)):
+        if value is not None and value < 1:
+            raise CrossStitchError(f"--{name} must be a positive integer, got {value}")
+    if arch is not None and model_path is not None:
+        raise CrossStitchError("give either ARCH (with --tasks) or --model, not both")
+    if arch is None and tasks:
+        raise CrossStitchError("--tasks needs ARCH: crossstitch bench resnet50 --tasks seg depth")
+    spec = arch_spec(arch) if arch is not None else None
+    if spec is not None and not tasks:
+        raise CrossStitchError(f"name the tasks: crossstitch bench {arch} --tasks seg depth")
+
+    import torch
+
+    from crossstitch.checkpoint import load
+    from crossstitch.exporters.bench import artifacts_beside, run_bench
+
+    if spec is not None:
+        torch.manual_seed(0)
+        with render.working(f"Building {spec.name}", quiet=json_output):
+            model = crossstitch.CrossStitchBackbone.from_torchvision(spec.name, split_commas(tasks))
+        artifacts = {}
+    else:
+        model_path = model_path or Path("crossstitch.pt")
+        with render.working(f"Loading {model_path}", quiet=json_output):
+            model = load(model_path)
+        artifacts = artifacts_beside(model_path)
+    with render.working("Timing", quiet=json_output):
+        result = run_bench(
+            model,
+            batch,
+            size,
+            runs,
+            threads or torch.get_num_threads(),
+            artifacts=artifacts,
+            training=training,
+        )
+    if json_output:
+        render.emit_json(render.bench_payload(result))
+    else:
+        render.bench_table(result)
 
 
 @app.command(name="list")

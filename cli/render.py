@@ -218,3 +218,39 @@ def export_results(results: list, debug: bool) -> None:
             stdout.print(comparison_table(f"{r.format}: {_inputs(r.inputs)}", r.comparison))
         if debug and r.details.get("log"):
             stderr.print(r.details["log"], markup=False)
+
+
+def bench_payload(result: Any) -> dict:
+    """The benchmark as JSON: the setting, then per variant its statistics and raw times."""
+    payload = _plain(result)
+    for timing, plain in zip(result.timings, payload["timings"], strict=True):
+        plain.update(median=timing.median, min=timing.min, max=timing.max)
+    return payload
+
+
+def bench_table(result: Any) -> None:
+    """``crossstitch bench``: medians, spread, ratio to the bare backbones, peak memory."""
+    height, width = result.input_size
+    table = Table(
+        title=f"{result.arch or 'model'} × {len(result.tasks)} tasks, batch {result.batch}, "
+        f"{height}×{width}, {result.threads} threads, {result.runs} runs",
+        title_justify="left",
+    )
+    for column in ("mode", "variant", "median ms", "min ms", "max ms", "vs bare", "peak MB"):
+        table.add_column(column, justify="left" if column in ("mode", "variant") else "right")
+    for t in result.timings:
+        table.add_row(
+            t.mode,
+            t.name,
+            f"{t.median * 1e3:.1f}",
+            f"{t.min * 1e3:.1f}",
+            f"{t.max * 1e3:.1f}",
+            f"{t.ratio:.3f}x",
+            "-" if t.peak_mb is None else f"+{t.peak_mb:.0f}",
+        )
+    stdout.print(table)
+    stdout.print(
+        "vs bare: median time over that of the same backbones run stage by stage without "
+        "stitching. peak MB: most tensor memory torch held during one call (not measured "
+        "inside onnxruntime)."
+    )

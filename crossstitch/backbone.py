@@ -82,15 +82,16 @@ class TaskBackbone(nn.Module):
 
 
 def probe_shapes(backbone: TaskBackbone, input_size: tuple[int, int]) -> dict[str, torch.Size]:
-    """Output shape of each stage for one image of ``input_size``, computed on the meta device.
+    """Output shape of each stage for a batch of ``input_size`` images, on the meta device.
 
-    No memory is allocated and no weight is touched, so this is cheap for any model size.
+    No memory is allocated and no weight is touched, so this is cheap for any model size. The
+    batch is 2 so that batch norm in training mode accepts 1x1 features.
     """
     meta = {
         name: torch.empty_like(t, device="meta")
         for name, t in [*backbone.named_parameters(), *backbone.named_buffers()]
     }
-    x = torch.empty(1, 3, *input_size, device="meta")
+    x = torch.empty(2, 3, *input_size, device="meta")
     x = functional_call(backbone.stem, _prefixed(meta, "stem."), (x,))
     shapes = {}
     for name, stage in backbone.stages.items():

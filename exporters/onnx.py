@@ -140,11 +140,18 @@ def read_config(path: Path) -> dict:
     return json.loads(props[CONFIG_KEY])
 
 
-def load(path: Path) -> Artifact:
-    """An onnxruntime session on the CPU provider, wrapped to take and give tensors."""
+def load(path: Path, threads: int | None = None) -> Artifact:
+    """An onnxruntime session on the CPU provider, wrapped to take and give tensors.
+
+    All graph optimisations are on; ``threads`` sets the intra-op pool (default: onnxruntime's,
+    one per physical core). Idle pool threads do not spin, so they take no CPU from torch code
+    that runs between sessions (verification, benchmarks).
+    """
     config = read_config(path)
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or 0
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
         session = onnxruntime.InferenceSession(

@@ -212,3 +212,28 @@ def test_debug_shows_the_traceback(cli):
     code, _, err = cli("build", "resnet18", "--tasks", "seg", "--debug")
     assert code == 2
     assert "Traceback" in err and "Error: a cross-stitch network needs at least two tasks" in err
+
+
+def test_help_list_and_usage_errors_do_not_import_torch():
+    script = (
+        "import sys\n"
+        "from crossstitch.cli.app import app\n"
+        "codes = []\n"
+        "for args in (['--help'], ['list'], ['build', '--help'], ['build'],\n"
+        "             ['build', 'resnt18', '--tasks', 'a', 'b'], ['export', '--format', 'x']):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit as exc:\n"
+        "        codes.append(exc.code)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(codes)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[0, 0, 0, 2, 2, 2]"
+
+
+def test_tiny_inputs_still_summarise(cli):
+    code, out, err = cli("build", "resnet18", "--tasks", "a", "b", "--input-size", "32", "--json")
+    assert code == 0, err
+    assert json.loads(out)["summary"]["stages"][3]["feature_size"] == [1, 1]
