@@ -65,7 +65,7 @@ def _run(main: Any, args: list[str], prog_name: str | None, debug: bool, **extra
         return exc.exit_code
     except UsageError as exc:
         hint = f"Try '{exc.ctx.command_path} --help' for help." if exc.ctx else None
-        render.error(exc.format_message(), hint)
+        render.error(_usage_message(exc), hint)
         return exc.exit_code
     except ClickException as exc:
         render.error(exc.format_message())
@@ -89,6 +89,14 @@ def _run(main: Any, args: list[str], prog_name: str | None, debug: bool, **extra
         )
         return 1
     return result if isinstance(result, int) else 0
+
+
+def _usage_message(exc: UsageError) -> str:
+    """Typer's message, with the value that failed to convert when Typer knows it."""
+    message = exc.format_message()
+    errors = getattr(exc.__cause__, "errors", None)
+    inputs = [e["input"] for e in errors() if "input" in e] if callable(errors) else []
+    return f"{message.rstrip('.')} (got {inputs[0]!r})" if inputs else message
 
 
 app = typer.Typer(
@@ -133,6 +141,15 @@ def _input_size(values: list[int]) -> tuple[int, int]:
             f"--input-size takes one or two positive integers (SIZE or HEIGHT WIDTH), got {given}"
         )
     return (values[0], values[-1])
+
+
+MAX_SEED = 2**63 - 1
+
+
+def _seed(value: int) -> int:
+    if not 0 <= value <= MAX_SEED:
+        raise CrossStitchError(f"--seed must be between 0 and {MAX_SEED}, got {value}")
+    return value
 
 
 def _task_weights(values: list[str]) -> dict[str, str]:
@@ -211,6 +228,7 @@ def build(
 
     check_output_path(output)
     size = _input_size(input_size or [224])
+    seed = _seed(seed)
     spec = arch_spec(arch)
 
     import torch
@@ -301,6 +319,7 @@ def export(
     """Export a checkpoint to ONNX, TorchScript and/or pt2, verifying each artifact."""
     formats = _formats(fmt)
     size = _input_size(input_size or [224])
+    seed = _seed(seed)
     atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
 
     from crossstitch.checkpoint import load
@@ -380,12 +399,15 @@ def verify(
     if batch is not None and batch < 1:
         raise CrossStitchError(f"--batch must be a positive integer, got {batch}")
     size = _input_size(input_size) if input_size else None
+    seed = _seed(seed)
     atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
 
     from crossstitch.checkpoint import load
     from crossstitch.exporters.formats import CHECKPOINT, FORMATS, detect
     from crossstitch.exporters.pipeline import Inputs, compare_artifact, verification_inputs
+    from crossstitch.memory import check_fits
     from crossstitch.reference import check_parity
+    from crossstitch.summary import activation_bytes
 
     kind = detect(path)
     if kind == CHECKPOINT:
@@ -398,6 +420,10 @@ def verify(
             model = load(path)
         height, width = size or (256, 288)
         inputs = Inputs(batch or 3, height, width, seed)
+        check_fits(
+            2 * activation_bytes(model, inputs.batch, (height, width), training=False),
+            f"verifying on a {inputs.batch}x3x{height}x{width} input",
+        )
         with render.working("Comparing with the reference formulation", quiet=json_output):
             results = check_parity(model, inputs.tensor())
         passed = all(r.passed for r in results)

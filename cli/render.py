@@ -88,7 +88,10 @@ def build_summary(summary: Any, output: str, seed: int) -> None:
         f"{_millions(summary.total_params)} in total"
     )
     stdout.print(f"[bold]stitching[/]   {summary.stitch_params:,} parameters added")
-    stdout.print(f"[bold]size[/]        {summary.float32_mb:,.1f} MB in float32")
+    stdout.print(
+        f"[bold]memory[/]      {summary.float32_mb:,.1f} MB of float32 weights; a training step "
+        f"keeps about {summary.training_mb_per_image:,.0f} MB of activations per image"
+    )
     stdout.print(f"[bold]tasks[/]       {', '.join(summary.tasks)}")
     stdout.print(
         f"[bold]init[/]        alpha={summary.alpha:g}, beta={summary.beta:g}, "

@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from crossstitch.errors import CrossStitchError
 from crossstitch.families import Family, Split, family_of
+from crossstitch.memory import build_bytes, check_fits
 from crossstitch.stages import StageInfo, arch_spec
 from crossstitch.units import GRANULARITIES, CrossStitchUnit, check_init, default_beta
 from crossstitch.weights import apply_state, build_classifier, load_state_file, resolve_weights
@@ -205,6 +206,7 @@ class CrossStitchBackbone(nn.Module):
                 f"task weights given for unknown task {', '.join(unknown)}; "
                 f"tasks are {', '.join(tasks)}"
             )
+        check_fits(build_bytes(arch, len(tasks)), f"building {arch} with {len(tasks)} tasks")
         states = {task: load_state_file(path) for task, path in task_weights.items()}
         shared_state = load_state_file(weights_file) if weights_file else None
 

@@ -29,7 +29,11 @@ def library_versions() -> dict[str, str]:
 
 
 def save(model: CrossStitchBackbone, path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` atomically; only models built with ``from_torchvision`` can be rebuilt."""
+    """Write ``model`` atomically; only models built with ``from_torchvision`` can be rebuilt.
+
+    Saving through a file object keeps the archive's inner folder name fixed, so the same model
+    always gives the same bytes.
+    """
     if model.config.get("arch") is None:
         raise CrossStitchError(
             "this model was built from your own modules, so a checkpoint could not rebuild it; "
@@ -41,8 +45,8 @@ def save(model: CrossStitchBackbone, path: str | os.PathLike[str]) -> Path:
         "config": {**model.config, "versions": library_versions()},
         "state_dict": model.state_dict(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return Path(path)
 
 

@@ -1,8 +1,11 @@
-"""Numbers that describe a built model: stages, feature sizes, parameter counts."""
+"""Numbers that describe a built model: stages, feature sizes, parameters, memory."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+from torch import nn
 
 from crossstitch.backbone import CrossStitchBackbone, probe_shapes
 from crossstitch.errors import CrossStitchError
@@ -33,9 +36,38 @@ class Summary:
     total_params: int
     stitch_params: int
     float32_mb: float
+    training_mb_per_image: float
     alpha: float
     beta: float
     granularity: str
+
+
+def activation_bytes(
+    model: CrossStitchBackbone, batch: int, input_size: tuple[int, int], training: bool
+) -> int:
+    """Estimated activation memory of one forward (inference) or training step, all tasks.
+
+    Counts the output of every layer of one task backbone on the meta device. A training step
+    keeps them all for backward and about as much again for gradients; inference holds a few of
+    the largest at a time.
+    """
+    outputs: list[int] = []
+
+    def record(module: nn.Module, args: object, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            outputs.append(output.numel() * output.element_size())
+
+    backbone = model.backbones[model.tasks[0]]
+    leaves = [m for m in backbone.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(record) for m in leaves]
+    try:
+        probe_shapes(backbone, input_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    probe_batch = 2
+    per_image = (2 * sum(outputs) if training else 3 * max(outputs, default=0)) / probe_batch
+    return int(per_image * batch * len(model.tasks))
 
 
 def _count(module) -> int:
@@ -78,6 +110,7 @@ def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summar
         total_params=total,
         stitch_params=_count(model.cross_stitch),
         float32_mb=total * 4 / 1e6,
+        training_mb_per_image=activation_bytes(model, 1, input_size, training=True) / 1e6,
         alpha=model.config["alpha"],
         beta=model.config["beta"],
         granularity=model.config["granularity"],

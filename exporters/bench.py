@@ -22,6 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from crossstitch.backbone import CrossStitchBackbone, probe_shapes
 from crossstitch.errors import CrossStitchError
+from crossstitch.memory import check_fits
+from crossstitch.summary import activation_bytes
 
 from . import onnx
 from .formats import FORMATS
@@ -145,6 +147,11 @@ def run_bench(
     """Time inference (eager, baseline, each artifact) and a training step (eager, baseline)."""
     if training:
         _check_trainable_size(model, batch, input_size)
+    height, width = input_size
+    check_fits(
+        activation_bytes(model, batch, input_size, training),
+        f"timing batch {batch} at {height}x{width}",
+    )
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -21,6 +21,8 @@ from torch import Tensor
 from crossstitch.backbone import CrossStitchBackbone
 from crossstitch.errors import CrossStitchError
 from crossstitch.files import check_output_path
+from crossstitch.memory import check_fits
+from crossstitch.summary import activation_bytes
 
 from .common import Artifact, ExportOptions
 from .compare import Comparison, compare_outputs
@@ -91,6 +93,10 @@ def compare_artifact(
 ) -> Comparison:
     """Run the artifact with its runtime and the eager model on the same inputs; compare."""
     check_compatible(artifact.config, model, path)
+    check_fits(
+        2 * activation_bytes(model, inputs.batch, (inputs.height, inputs.width), training=False),
+        f"verifying on a {inputs.batch}x3x{inputs.height}x{inputs.width} input",
+    )
     x = inputs.tensor()
     want = model.eval()(x)
     try:

@@ -158,6 +158,9 @@ def test_bad_export_requests_are_refused_before_any_work(cli, folder, case):
         (["crossstitch.onnx", "--against", "reference"], "against the checkpoint it came from"),
         (["crossstitch.onnx", "--against", "nothing.pt"], "nothing.pt does not exist"),
         (["crossstitch.pt", "--batch", "0"], "--batch"),
+        (["crossstitch.pt", "--seed", "-2"], "--seed"),
+        (["crossstitch.pt", "--atol", "-1"], "--atol"),
+        (["crossstitch.onnx", "--input-size", "1", "2", "3"], "--input-size"),
         (["crossstitch.pt", "--input-size", "-3"], "--input-size"),
     ],
 )

@@ -1,0 +1,87 @@
+"""Writes stay whole under interruption and concurrency; requests too large are refused early."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import crossstitch
+from crossstitch import CrossStitchError
+from crossstitch.memory import available_bytes, build_bytes
+
+EXE = shutil.which("crossstitch", path=os.path.dirname(sys.executable)) or "crossstitch"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_build_interrupted_while_saving_keeps_the_previous_file(tmp_path, sig):
+    previous = tmp_path / "crossstitch.pt"
+    previous.write_bytes(b"previous good checkpoint")
+    process = subprocess.Popen(
+        [EXE, "build", "resnet50", "--tasks", "a,b,c,d"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 180
+    while not list(tmp_path.glob(".crossstitch.pt.*")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode in (130, 128 + sig), err
+    assert b"Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crossstitch.pt"]
+    assert previous.read_bytes() == b"previous good checkpoint"
+
+
+def test_two_builds_in_one_folder_do_not_interfere(tmp_path):
+    runs = [
+        subprocess.Popen(
+            [EXE, "build", "resnet18", "--tasks", tasks, "-o", name, "--json"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for tasks, name in (("seg,depth", "a.pt"), ("x,y,z", "b.pt"))
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+    assert crossstitch.load(tmp_path / "a.pt").tasks == ["seg", "depth"]
+    assert crossstitch.load(tmp_path / "b.pt").tasks == ["x", "y", "z"]
+
+
+def test_sixteen_tasks_build_and_report_their_memory(cli):
+    tasks = ",".join(f"task{i}" for i in range(16))
+    code, out, err = cli("build", "resnet18", "--tasks", tasks, "--input-size", "64", "--json")
+    assert code == 0, err
+    summary = json.loads(out)["summary"]
+    assert len(summary["tasks"]) == 16
+    assert summary["float32_mb"] == pytest.approx(summary["total_params"] * 4 / 1e6)
+    assert summary["training_mb_per_image"] > 0
+
+
+def test_a_build_too_large_for_this_machine_is_refused_before_allocating():
+    available = available_bytes()
+    one = build_bytes("vgg19", 1)
+    tasks = [f"t{i}" for i in range(available // one + 2)]
+    with pytest.raises(CrossStitchError, match=r"needs about .* GB of memory, but .* available"):
+        crossstitch.CrossStitchBackbone.from_torchvision("vgg19", tasks)
+
+
+def test_oversized_verification_and_benchmark_are_refused(cli, exported):
+    folder, _ = exported
+    checkpoint = str(folder / "crossstitch.pt")
+    for args in (
+        ["verify", checkpoint, "--batch", "100000"],
+        ["verify", str(folder / "crossstitch.onnx"), "--against", checkpoint, "--batch", "100000"],
+        ["bench", "--model", checkpoint, "--batch", "100000"],
+    ):
+        code, _, err = cli(*args)
+        assert code == 2 and "GB of memory" in err.splitlines()[0], err
