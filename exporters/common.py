@@ -9,14 +9,18 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import Tensor
 from torch.export import Dim
 
 import crossstitch
 from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.errors import CrossStitchError
 
 INPUT_NAME = "image"
+CONFIG_FILE = "crossstitch.json"
 QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx")
 
 
@@ -34,6 +38,18 @@ class ExportOptions:
 
     dynamic: bool = True
     opset: int | None = None
+
+
+def torch_artifact(module: Callable, config: str, path: Path, kind: str) -> Artifact:
+    """A loaded TorchScript or pt2 module as an Artifact; without crossstitch's config, refused."""
+    if not config:
+        raise CrossStitchError(f"{path} is a {kind} file, but not one exported by crossstitch")
+
+    def run(x: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return dict(module(x))
+
+    return Artifact(json.loads(config), run)
 
 
 def dynamic_shapes(dynamic: bool) -> dict | None:

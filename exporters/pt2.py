@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,19 @@ from torch import Tensor
 from crossstitch.backbone import CrossStitchBackbone
 from crossstitch.errors import CrossStitchError
 
-from .common import Artifact, ExportOptions, artifact_config, dynamic_shapes, quiet
+from .common import (
+    CONFIG_FILE,
+    Artifact,
+    ExportOptions,
+    artifact_config,
+    dynamic_shapes,
+    quiet,
+    torch_artifact,
+)
 
 NAME = "pt2"
 SUFFIX = ".pt2"
 ATOL, RTOL = 1e-5, 1e-5
-CONFIG_FILE = "crossstitch.json"
 
 
 def export(
@@ -34,25 +40,12 @@ def export(
     return {"dynamic": options.dynamic, "ranges": ranges, "log": log.getvalue()}
 
 
-def _load(path: Path) -> tuple[torch.export.ExportedProgram, str]:
+def load(path: Path) -> Artifact:
+    """The exported program as a callable module, and the config saved in the archive."""
     extra = {CONFIG_FILE: ""}
     try:
         with quiet():
             program = torch.export.load(path, extra_files=extra)
     except Exception as exc:
         raise CrossStitchError(f"{path} is not a loadable torch.export (pt2) file") from exc
-    if not extra[CONFIG_FILE]:
-        raise CrossStitchError(f"{path} is a pt2 file, but not one exported by crossstitch")
-    return program, extra[CONFIG_FILE]
-
-
-def load(path: Path) -> Artifact:
-    """The exported program as a callable module, and the config saved in the archive."""
-    program, config = _load(path)
-    module = program.module()
-
-    def run(x: Tensor) -> dict[str, Tensor]:
-        with torch.no_grad():
-            return dict(module(x))
-
-    return Artifact(json.loads(config), run)
+    return torch_artifact(program.module(), extra[CONFIG_FILE], path, "pt2")

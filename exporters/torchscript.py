@@ -6,7 +6,6 @@ The artifact needs only torch to load, not crossstitch.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,11 @@ from torch import Tensor
 from crossstitch.backbone import CrossStitchBackbone
 from crossstitch.errors import CrossStitchError
 
-from .common import Artifact, ExportOptions, artifact_config, quiet
+from .common import CONFIG_FILE, Artifact, ExportOptions, artifact_config, quiet, torch_artifact
 
 NAME = "torchscript"
 SUFFIX = ".torchscript.pt"
 ATOL, RTOL = 1e-5, 1e-5
-CONFIG_FILE = "crossstitch.json"
 
 
 def export(
@@ -40,25 +38,12 @@ def export(
     return {"method": method, "why": why, "dynamic": options.dynamic, "log": log.getvalue()}
 
 
-def _load(path: Path) -> tuple[torch.jit.ScriptModule, str]:
+def load(path: Path) -> Artifact:
+    """The TorchScript module in eval mode, and the config saved beside its code."""
     extra = {CONFIG_FILE: ""}
     try:
         with quiet():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:
         raise CrossStitchError(f"{path} is not a loadable TorchScript file") from exc
-    if not extra[CONFIG_FILE]:
-        raise CrossStitchError(f"{path} is a TorchScript file, but not one exported by crossstitch")
-    return module, extra[CONFIG_FILE]
-
-
-def load(path: Path) -> Artifact:
-    """The TorchScript module in eval mode, and the config saved beside its code."""
-    module, config = _load(path)
-    module.eval()
-
-    def run(x: Tensor) -> dict[str, Tensor]:
-        with torch.no_grad():
-            return dict(module(x))
-
-    return Artifact(json.loads(config), run)
+    return torch_artifact(module.eval(), extra[CONFIG_FILE], path, "TorchScript")
