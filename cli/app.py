@@ -147,6 +147,22 @@ def _task_weights(values: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _heads(values: list[str]) -> dict[str, int]:
+    heads = {}
+    for value in values:
+        task, sep, channels = value.partition("=")
+        if not sep or not task or not channels:
+            raise CrossStitchError(f"--head takes TASK=CHANNELS, got '{value}'")
+        if task in heads:
+            raise CrossStitchError(f"--head gives task '{task}' twice")
+        if not channels.isdigit() or int(channels) < 1:
+            raise CrossStitchError(
+                f"--head {value}: CHANNELS must be a positive integer, got '{channels}'"
+            )
+        heads[task] = int(channels)
+    return heads
+
+
 @app.command()
 def build(
     arch: Annotated[
@@ -179,6 +195,15 @@ def build(
             "--task-weights",
             metavar="TASK=PATH",
             help="A single-task classifier state_dict for one task; repeatable.",
+        ),
+    ] = None,
+    head: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--head",
+            metavar="TASK=CHANNELS",
+            help="A dense head for one task: its output is CHANNELS maps at the input size; "
+            "repeatable. Tasks without one return their last-stage features.",
         ),
     ] = None,
     alpha: Annotated[float, typer.Option(help="Initial weight of a task's own features.")] = 0.9,
@@ -224,6 +249,7 @@ def build(
         stages=stitched,
         task_weights=_task_weights(task_weights or []),
         weights_file=str(weights_file) if weights_file else None,
+        heads=_heads(head or []),
     )
     import torch
 

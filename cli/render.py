@@ -83,9 +83,12 @@ def build_summary(summary: Any, output: str, seed: int) -> None:
             stitch,
         )
     stdout.print(table)
+    if summary.head_params:
+        stdout.print(_outputs_table(summary.outputs))
+    heads = f"{_millions(summary.head_params)} in heads, " if summary.head_params else ""
     stdout.print(
         f"[bold]parameters[/]  {_millions(summary.params_per_task)} per task backbone, "
-        f"{_millions(summary.total_params)} in total"
+        f"{heads}{_millions(summary.total_params)} in total"
     )
     stdout.print(f"[bold]stitching[/]   {summary.stitch_params:,} parameters added")
     stdout.print(f"[bold]size[/]        {summary.float32_mb:,.1f} MB in float32")
@@ -95,6 +98,23 @@ def build_summary(summary: Any, output: str, seed: int) -> None:
         f"granularity={summary.granularity}, seed={seed}"
     )
     stdout.print(f"[bold]wrote[/]       [green]{output}[/]")
+
+
+def _outputs_table(outputs: list) -> Table:
+    """Per task: its head, the head's parameters and the shape of one image's output."""
+    table = Table(title="Outputs per image", title_justify="left")
+    table.add_column("task")
+    table.add_column("head")
+    table.add_column("head params", justify="right")
+    table.add_column("output", justify="right")
+    for row in outputs:
+        table.add_row(
+            row.task,
+            row.head or "none (features)",
+            _millions(row.head_params) if row.head else "-",
+            "×".join(map(str, row.shape)),
+        )
+    return table
 
 
 def _stage_names(names: list[str]) -> str:

@@ -13,6 +13,7 @@ _EXPORTS = {
     "CrossStitchBackbone": "crossstitch.backbone",
     "TaskBackbone": "crossstitch.backbone",
     "CrossStitchUnit": "crossstitch.units",
+    "DenseHead": "crossstitch.heads",
     "CrossStitchError": "crossstitch.errors",
     "StageInfo": "crossstitch.stages",
     "save": "crossstitch.checkpoint",

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+from torch.func import functional_call
+
 from crossstitch.backbone import CrossStitchBackbone, probe_shapes
 from crossstitch.errors import CrossStitchError
+from crossstitch.heads import DenseHead
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,16 @@ class StageRow:
 
 
 @dataclass(frozen=True)
+class OutputRow:
+    """What the model returns for one task: its head, if any, and the shape of one output."""
+
+    task: str
+    head: str | None
+    head_params: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Summary:
     """A model's stage table and totals at one input size."""
 
@@ -32,6 +47,8 @@ class Summary:
     params_per_task: int
     total_params: int
     stitch_params: int
+    head_params: int
+    outputs: list[OutputRow]
     float32_mb: float
     alpha: float
     beta: float
@@ -40,6 +57,20 @@ class Summary:
 
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _head_name(head: nn.Module) -> str:
+    return "dense" if isinstance(head, DenseHead) else type(head).__name__
+
+
+def _head_channels(head: nn.Module, features: torch.Size) -> int:
+    """Output channels of a head, found by running it on the meta device (nothing allocated)."""
+    meta = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in [*head.named_parameters(), *head.named_buffers()]
+    }
+    x = torch.empty(2, *features[1:], device="meta")
+    return functional_call(head, meta, (x,)).shape[1]
 
 
 def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summary:
@@ -67,6 +98,18 @@ def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summar
         )
         for info in model.stages
     ]
+    last = shapes[model.stages[-1].name]
+    outputs = [
+        OutputRow(
+            task=task,
+            head=_head_name(model.heads[task]),
+            head_params=_count(model.heads[task]),
+            shape=(_head_channels(model.heads[task], last), *input_size),
+        )
+        if task in model.heads
+        else OutputRow(task=task, head=None, head_params=0, shape=tuple(last[1:]))
+        for task in model.tasks
+    ]
     total = _count(model)
     return Summary(
         arch=model.config.get("arch"),
@@ -77,6 +120,8 @@ def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summar
         params_per_task=_count(backbone),
         total_params=total,
         stitch_params=_count(model.cross_stitch),
+        head_params=_count(model.heads),
+        outputs=outputs,
         float32_mb=total * 4 / 1e6,
         alpha=model.config["alpha"],
         beta=model.config["beta"],

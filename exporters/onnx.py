@@ -66,6 +66,7 @@ def metadata(
         "crossstitch.alpha": repr(config["alpha"]),
         "crossstitch.beta": repr(config["beta"]),
         "crossstitch.granularity": config["granularity"],
+        "crossstitch.heads": ",".join(f"{t}={c}" for t, c in config.get("heads", {}).items()),
         "crossstitch.opset": str(opset),
     }
 
