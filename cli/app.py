@@ -479,6 +479,41 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command(name="inspect")
+def inspect_model(
+    path: Annotated[
+        Path, typer.Argument(help="A checkpoint or an ONNX file exported by crossstitch.")
+    ] = Path("crossstitch.pt"),
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show a model's config, stages and what its cross-stitch units hold.
+
+    For each stitched stage: the TxT matrix A[i, j] (row i receives from column j) averaged
+    over channels, with its min and max over channels, and the sharing score of each row:
+    sum over j != i of |A[i, j]| / sum over all j of |A[i, j]|, summed over channels.
+    """
+    from crossstitch.exporters import onnx
+    from crossstitch.exporters.formats import CHECKPOINT, detect
+    from crossstitch.inspection import describe, inspect_checkpoint
+
+    kind = detect(path)
+    if kind == CHECKPOINT:
+        report = inspect_checkpoint(path)
+    elif kind == onnx.NAME:
+        config, weights = onnx.read_unit_weights(path)
+        report = describe(config, weights, path)
+    else:
+        raise CrossStitchError(
+            f"{path} is a {kind} artifact; inspect reads checkpoints and ONNX files: "
+            "inspect the checkpoint it was exported from"
+        )
+    if json_output:
+        render.emit_json({"path": str(path), "format": kind, **vars(report)})
+    else:
+        render.inspection(str(path), kind, report)
+
+
 @app.command(name="list")
 def list_architectures(json_output: JsonOption = False) -> None:
     """List the supported architectures with their stages and pretrained weights."""
