@@ -21,6 +21,7 @@ _EXPORTS = {
     "check_parity": "crossstitch.reference",
     "reference_forward": "crossstitch.reference",
     "summarize": "crossstitch.summary",
+    "param_groups": "crossstitch.training",
 }
 
 __all__ = ["__version__", *_EXPORTS]
