@@ -489,9 +489,10 @@ def inspect_model(
 ) -> None:
     """Show a model's config, stages and what its cross-stitch units hold.
 
-    For each stitched stage: the TxT matrix A[i, j] (row i receives from column j) averaged
-    over channels, with its min and max over channels, and the sharing score of each row:
-    sum over j != i of |A[i, j]| / sum over all j of |A[i, j]|, summed over channels.
+    For each stitched stage: the TxT matrix of unit weights A_ij (row i: the receiving task,
+    column j: the source task, in task order) averaged over channels, with its min and max over
+    channels, and the sharing score of each row: the sum over j != i of |A_ij| divided by the
+    sum over all j of |A_ij|, with |A_ij| summed over channels.
     """
     from crossstitch.exporters import onnx
     from crossstitch.exporters.formats import CHECKPOINT, detect

@@ -263,13 +263,16 @@ def _share(value: float) -> str:
 def _heads(heads: dict) -> str:
     if not heads:
         return "none: every task returns its last-stage features"
-    return ", ".join(f"{task} → {channels} channels" for task, channels in heads.items())
+    return ", ".join(
+        f"{task} → {channels} channel{'s' if channels > 1 else ''}"
+        for task, channels in heads.items()
+    )
 
 
 def heatmap(stage: str, tasks: list[str], unit: Any) -> Table:
     """One unit's TxT matrix: rows receive, columns give; cells coloured by their mean."""
-    per = f"mean over {unit.channels} channels, min … max below" if unit.channels else "weights"
-    table = Table(title=escape(f"{stage}: A[to, from], {per}"), title_justify="left")
+    per = f", {unit.channels} channels" if unit.channels else ""
+    table = Table(title=escape(f"{stage}: A[to, from]{per}"), title_justify="left")
     table.add_column("to \\ from", style="bold")
     for task in tasks:
         table.add_column(task, justify="center")
@@ -290,7 +293,7 @@ def heatmap(stage: str, tasks: list[str], unit: Any) -> Table:
 def inspection(path: str, kind: str, report: Any) -> None:
     """``crossstitch inspect``: the config, the stage table, then one heatmap per unit."""
     config = report.config
-    stdout.print(f"[bold]{path}[/] ({kind}): {config['arch']} × {len(report.tasks)} tasks")
+    stdout.print(f"[bold]{escape(path)}[/] ({kind}): {config['arch']} × {len(report.tasks)} tasks")
     stdout.print(f"[bold]tasks[/]        {', '.join(report.tasks)}")
     stdout.print(
         f"[bold]init[/]         alpha={config['alpha']:g}, beta={config['beta']:g}, "
@@ -313,7 +316,10 @@ def inspection(path: str, kind: str, report: Any) -> None:
     stdout.print(table)
     for stage, unit in report.stages.items():
         stdout.print(heatmap(stage, report.tasks, unit))
+    channel = config["granularity"] == "channel"
+    cells = "the mean over channels, min … max under it" if channel else "the weight"
     stdout.print(
-        "sharing: of row i's weight magnitude (summed over channels), the part taken from "
-        "other tasks; colour: blue > 0, red < 0, deeper for a larger |mean|"
+        f"cells: {cells}; colour: blue > 0, red < 0, deeper for a larger magnitude; "
+        "sharing: the part of row i's weight magnitude (sum of |A| over channels) that "
+        "comes from other tasks"
     )

@@ -80,7 +80,7 @@ def test_human_output_draws_each_unit_as_a_heatmap(cli, tmp_path, monkeypatch):
     for text in [
         "resnet18 × 5 tasks",
         "seg → 21 channels",
-        "layer4: A[to, from], mean over 512 channels",
+        "layer4: A[to, from], 512 channels",
         "-0.750",
         "0.900",
         "10.0%",
