@@ -86,9 +86,10 @@ def build_summary(summary: Any, output: str, seed: int) -> None:
             stitch,
         )
     stdout.print(table)
-    if summary.head_params:
+    has_heads = any(row.head for row in summary.outputs)
+    if has_heads:
         stdout.print(_outputs_table(summary.outputs))
-    heads = f"{_millions(summary.head_params)} in heads, " if summary.head_params else ""
+    heads = f"{_millions(summary.head_params)} in heads, " if has_heads else ""
     stdout.print(
         f"[bold]parameters[/]  {_millions(summary.params_per_task)} per task backbone, "
         f"{heads}{_millions(summary.total_params)} in total"
