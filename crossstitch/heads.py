@@ -25,8 +25,6 @@ class DenseHead(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         hidden = max(in_channels // 4, 1)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
         self.conv = nn.Conv2d(in_channels, hidden, kernel_size=3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(hidden)
         self.relu = nn.ReLU(inplace=True)

@@ -24,7 +24,6 @@ ATOL, RTOL = 1e-4, 1e-3
 MIN_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 CONFIG_KEY = "crossstitch.config"
-UNIT_PREFIX = "cross_stitch."
 UNIT_WEIGHT = re.compile(r"cross_stitch\.(?P<stage>[^.]+)\.weight")
 
 
@@ -84,7 +83,7 @@ def optimize_keeping_units(program: torch.onnx.ONNXProgram) -> None:
     the slices when it loads the model, so inference runs the same graph either way.
     """
     graph = program.model.graph
-    units = [value for name, value in graph.initializers.items() if name.startswith(UNIT_PREFIX)]
+    units = [value for name, value in graph.initializers.items() if UNIT_WEIGHT.fullmatch(name)]
     graph.inputs.extend(units)
     try:
         program.optimize()

@@ -180,3 +180,5 @@ def test_onnx_head_outputs_have_dynamic_batch_height_and_width(tmp_path):
     assert all(image_dims[i].dim_param for i in (0, 2, 3))
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["crossstitch.heads"] == "seg=3"
+    with pytest.raises(crossstitch.CrossStitchError, match=r"heads is \{'seg': 3\} there"):
+        compare_artifact(onnx_format.load(path), path, build(), Inputs(1, 64, 64, 0), 1e-4, 1e-3)
