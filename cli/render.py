@@ -164,7 +164,8 @@ def comparison_table(title: str, comparison: Any) -> Table:
     """Per output: shape, error statistics, tolerance and verdict (as polygraphy reports them)."""
     table = Table(title=title, title_justify="left")
     for column in ("output", "shape", "max abs err", "mean abs err", "max rel err"):
-        table.add_column(column, justify="left" if column in ("output", "shape") else "right")
+        text = column in ("output", "shape")
+        table.add_column(column, justify="left" if text else "right", no_wrap=text)
     table.add_column("tolerance", justify="right")
     table.add_column("result")
     for row in comparison.outputs:
