@@ -164,6 +164,22 @@ def _task_weights(values: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _heads(values: list[str]) -> dict[str, int]:
+    heads = {}
+    for value in values:
+        task, sep, channels = value.partition("=")
+        if not sep or not task or not channels:
+            raise CrossStitchError(f"--head takes TASK=CHANNELS, got '{value}'")
+        if task in heads:
+            raise CrossStitchError(f"--head gives task '{task}' twice")
+        if not channels.isdigit() or int(channels) < 1:
+            raise CrossStitchError(
+                f"--head {value}: CHANNELS must be a positive integer, got '{channels}'"
+            )
+        heads[task] = int(channels)
+    return heads
+
+
 @app.command()
 def build(
     arch: Annotated[
@@ -196,6 +212,15 @@ def build(
             "--task-weights",
             metavar="TASK=PATH",
             help="A single-task classifier state_dict for one task; repeatable.",
+        ),
+    ] = None,
+    head: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--head",
+            metavar="TASK=CHANNELS",
+            help="A dense head for one task: its output is CHANNELS maps at the input size; "
+            "repeatable. Tasks without one return their last-stage features.",
         ),
     ] = None,
     alpha: Annotated[float, typer.Option(help="Initial weight of a task's own features.")] = 0.9,
@@ -246,6 +271,7 @@ def build(
         stages=stitched,
         task_weights=_task_weights(task_weights or []),
         weights_file=str(weights_file) if weights_file else None,
+        heads=_heads(head or []),
     )
     torch.manual_seed(seed)
     with render.working(f"Building {spec.name}", quiet=json_output):
@@ -557,6 +583,42 @@ def bench(
         render.emit_json(render.bench_payload(result))
     else:
         render.bench_table(result)
+
+
+@app.command(name="inspect")
+def inspect_model(
+    path: Annotated[
+        Path, typer.Argument(help="A checkpoint or an ONNX file exported by crossstitch.")
+    ] = Path("crossstitch.pt"),
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show a model's config, stages and what its cross-stitch units hold.
+
+    For each stitched stage: the TxT matrix of unit weights A_ij (row i: the receiving task,
+    column j: the source task, in task order) averaged over channels, with its min and max over
+    channels, and the sharing score of each row: the sum over j != i of |A_ij| divided by the
+    sum over all j of |A_ij|, with |A_ij| summed over channels.
+    """
+    from crossstitch.exporters import onnx
+    from crossstitch.exporters.formats import CHECKPOINT, detect
+    from crossstitch.inspection import describe, inspect_checkpoint
+
+    kind = detect(path)
+    if kind == CHECKPOINT:
+        report = inspect_checkpoint(path)
+    elif kind == onnx.NAME:
+        config, weights = onnx.read_unit_weights(path)
+        report = describe(config, weights, path)
+    else:
+        raise CrossStitchError(
+            f"{path} is a {kind} artifact; inspect reads checkpoints and ONNX files: "
+            "inspect the checkpoint it was exported from"
+        )
+    if json_output:
+        render.emit_json({"path": str(path), "format": kind, **vars(report)})
+    else:
+        render.inspection(str(path), kind, report)
 
 
 @app.command(name="list")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from crossstitch.stages import ArchSpec
 
@@ -31,14 +34,14 @@ def emit_json(payload: Any) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """Dataclasses, paths and tuples as JSON values; NaN (no value) as null."""
+    """Dataclasses, paths and tuples as JSON values; NaN and infinities (no JSON value) as null."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if value is None or isinstance(value, bool | int | float | str):
         return value
@@ -83,9 +86,13 @@ def build_summary(summary: Any, output: str, seed: int) -> None:
             stitch,
         )
     stdout.print(table)
+    has_heads = any(row.head for row in summary.outputs)
+    if has_heads:
+        stdout.print(_outputs_table(summary.outputs))
+    heads = f"{_millions(summary.head_params)} in heads, " if has_heads else ""
     stdout.print(
         f"[bold]parameters[/]  {_millions(summary.params_per_task)} per task backbone, "
-        f"{_millions(summary.total_params)} in total"
+        f"{heads}{_millions(summary.total_params)} in total"
     )
     stdout.print(f"[bold]stitching[/]   {summary.stitch_params:,} parameters added")
     stdout.print(
@@ -98,6 +105,23 @@ def build_summary(summary: Any, output: str, seed: int) -> None:
         f"granularity={summary.granularity}, seed={seed}"
     )
     stdout.print(f"[bold]wrote[/]       [green]{output}[/]")
+
+
+def _outputs_table(outputs: list) -> Table:
+    """Per task: its head, the head's parameters and the shape of one image's output."""
+    table = Table(title="Outputs per image", title_justify="left")
+    table.add_column("task")
+    table.add_column("head")
+    table.add_column("head params", justify="right")
+    table.add_column("output", justify="right")
+    for row in outputs:
+        table.add_row(
+            row.task,
+            row.head or "none (features)",
+            _millions(row.head_params) if row.head else "-",
+            "×".join(map(str, row.shape)),
+        )
+    return table
 
 
 def _stage_names(names: list[str]) -> str:
@@ -143,7 +167,8 @@ def comparison_table(title: str, comparison: Any) -> Table:
     """Per output: shape, error statistics, tolerance and verdict (as polygraphy reports them)."""
     table = Table(title=title, title_justify="left")
     for column in ("output", "shape", "max abs err", "mean abs err", "max rel err"):
-        table.add_column(column, justify="left" if column in ("output", "shape") else "right")
+        text = column in ("output", "shape")
+        table.add_column(column, justify="left" if text else "right", no_wrap=text)
     table.add_column("tolerance", justify="right")
     table.add_column("result")
     for row in comparison.outputs:
@@ -256,4 +281,86 @@ def bench_table(result: Any) -> None:
         "vs bare: median time over that of the same backbones run stage by stage without "
         "stitching. peak MB: most tensor memory torch held during one call (not measured "
         "inside onnxruntime)."
+    )
+
+
+NEUTRAL, POSITIVE, NEGATIVE = (48, 48, 48), (31, 119, 180), (214, 39, 40)
+
+
+def _heat(value: float, scale: float) -> str:
+    """Cell style: blue for positive, red for negative, deeper the larger ``|value| / scale``."""
+    if not math.isfinite(value) or scale == 0:
+        return "bold"
+    strength = min(abs(value) / scale, 1.0)
+    target = POSITIVE if value >= 0 else NEGATIVE
+    r, g, b = (round(n + (t - n) * strength) for n, t in zip(NEUTRAL, target, strict=True))
+    return f"bold white on rgb({r},{g},{b})"
+
+
+def _share(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.1%}"
+
+
+def _heads(heads: dict) -> str:
+    if not heads:
+        return "none: every task returns its last-stage features"
+    return ", ".join(
+        f"{task} → {channels} channel{'s' if channels > 1 else ''}"
+        for task, channels in heads.items()
+    )
+
+
+def heatmap(stage: str, tasks: list[str], unit: Any) -> Table:
+    """One unit's TxT matrix: rows receive, columns give; cells coloured by their mean."""
+    per = f", {unit.channels} channels" if unit.channels else ""
+    table = Table(title=escape(f"{stage}: A[to, from]{per}"), title_justify="left")
+    table.add_column("to \\ from", style="bold")
+    for task in tasks:
+        table.add_column(task, justify="center")
+    table.add_column("sharing", justify="right")
+    finite = [abs(v) for row in unit.matrix for v in row if math.isfinite(v)]
+    scale = max(finite, default=0.0)
+    for i, task in enumerate(tasks):
+        cells = []
+        for j in range(len(tasks)):
+            text = f"{unit.matrix[i][j]:.3f}"
+            if unit.channels:
+                text += f"\n{unit.min[i][j]:.3f} … {unit.max[i][j]:.3f}"
+            cells.append(Text(text, style=_heat(unit.matrix[i][j], scale), justify="center"))
+        table.add_row(task, *cells, _share(unit.sharing[i]))
+    return table
+
+
+def inspection(path: str, kind: str, report: Any) -> None:
+    """``crossstitch inspect``: the config, the stage table, then one heatmap per unit."""
+    config = report.config
+    stdout.print(f"[bold]{escape(path)}[/] ({kind}): {config['arch']} × {len(report.tasks)} tasks")
+    stdout.print(f"[bold]tasks[/]        {', '.join(report.tasks)}")
+    stdout.print(
+        f"[bold]init[/]         alpha={config['alpha']:g}, beta={config['beta']:g}, "
+        f"granularity={config['granularity']}"
+    )
+    stdout.print(f"[bold]heads[/]        {_heads(config.get('heads', {}))}")
+    table = Table(title="Stages", title_justify="left")
+    for column in ("stage", "channels", "reduction", "unit", "sharing per task"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for row in report.stage_table:
+        unit = report.stages.get(row.name)
+        table.add_row(
+            row.name,
+            str(row.channels),
+            f"/{row.reduction}",
+            "×".join(map(str, row.unit_shape)) if row.stitched else "not stitched",
+            " ".join(_share(s) for s in unit.sharing) if unit else "-",
+            style=None if row.stitched else "dim",
+        )
+    stdout.print(table)
+    for stage, unit in report.stages.items():
+        stdout.print(heatmap(stage, report.tasks, unit))
+    channel = config["granularity"] == "channel"
+    cells = "the mean over channels, min … max under it" if channel else "the weight"
+    stdout.print(
+        f"cells: {cells}; colour: blue > 0, red < 0, deeper for a larger magnitude; "
+        "sharing: the part of row i's weight magnitude (sum of |A| over channels) that "
+        "comes from other tasks"
     )

@@ -13,6 +13,7 @@ _EXPORTS = {
     "CrossStitchBackbone": "crossstitch.backbone",
     "TaskBackbone": "crossstitch.backbone",
     "CrossStitchUnit": "crossstitch.units",
+    "DenseHead": "crossstitch.heads",
     "CrossStitchError": "crossstitch.errors",
     "StageInfo": "crossstitch.stages",
     "save": "crossstitch.checkpoint",
@@ -20,6 +21,7 @@ _EXPORTS = {
     "check_parity": "crossstitch.reference",
     "reference_forward": "crossstitch.reference",
     "summarize": "crossstitch.summary",
+    "param_groups": "crossstitch.training",
 }
 
 __all__ = ["__version__", *_EXPORTS]

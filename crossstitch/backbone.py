@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from crossstitch.errors import CrossStitchError
 from crossstitch.families import Family, Split, family_of
+from crossstitch.heads import build_heads, check_heads, head_output
 from crossstitch.memory import build_bytes, check_fits
 from crossstitch.stages import StageInfo, arch_spec
 from crossstitch.units import GRANULARITIES, CrossStitchUnit, check_init, default_beta
@@ -109,8 +110,12 @@ class CrossStitchBackbone(nn.Module):
     """Cross-stitch network (Misra et al., CVPR 2016) over torchvision backbones.
 
     Every task has its own backbone; all see the same image. After each stitched stage a
-    ``CrossStitchUnit`` recombines the task features. ``forward`` returns the last stage's
-    features per task: ``{task: Tensor}``.
+    ``CrossStitchUnit`` recombines the task features. ``forward`` returns, per task, the last
+    stage's features, or for a task with a head that head's output resized to the input's height
+    and width: ``{task: Tensor}``.
+
+    ``heads`` maps a task to its head: a number of output channels builds a ``DenseHead``, an
+    ``nn.Module`` is used as given (it maps ``[N, C, h, w]`` features to ``[N, C', h, w]``).
     """
 
     def __init__(
@@ -120,11 +125,13 @@ class CrossStitchBackbone(nn.Module):
         beta: float | None = None,
         granularity: str = "channel",
         stages: Sequence[str] | str | None = None,
+        heads: Mapping[str, int | nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.tasks = check_tasks(list(models))
         check_granularity(granularity)
         check_init(alpha, beta)
+        heads = check_heads(heads, self.tasks)
         families = {family_of(m).name for m in models.values()}
         if len(families) > 1:
             raise CrossStitchError(f"all task models must be of one family, got {sorted(families)}")
@@ -145,6 +152,7 @@ class CrossStitchBackbone(nn.Module):
                 if s.name in stitched
             }
         )
+        self.heads = build_heads(heads, self.stages[-1].channels)
         self.config: dict = {
             "arch": None,
             "family": family.name,
@@ -153,6 +161,7 @@ class CrossStitchBackbone(nn.Module):
             "beta": float(beta),
             "granularity": granularity,
             "stages": stitched,
+            "heads": {task: head for task, head in heads.items() if isinstance(head, int)},
         }
 
     def _stage_info(self, size: int) -> list[StageInfo]:
@@ -185,18 +194,21 @@ class CrossStitchBackbone(nn.Module):
         stages: Sequence[str] | str | None = None,
         task_weights: Mapping[str, str] | None = None,
         weights_file: str | None = None,
+        heads: Mapping[str, int | nn.Module] | None = None,
     ) -> CrossStitchBackbone:
         """Build from a torchvision architecture name, one copy of the network per task.
 
         ``weights`` names torchvision weights (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...) for all
         tasks, ``weights_file`` a classifier state_dict file for all tasks, and
         ``task_weights`` per-task state_dict files (single-task checkpoints) applied on top.
-        All options are checked before anything is built.
+        ``heads`` attaches a head to some tasks (see the class). All options are checked before
+        anything is built.
         """
         spec = arch_spec(arch)
         tasks = check_tasks(tasks)
         check_granularity(granularity)
         check_init(alpha, beta)
+        check_heads(heads, tasks)
         select_stages([s.name for s in spec.stages], stages)
         weights = resolve_weights(arch, weights)
         task_weights = dict(task_weights or {})
@@ -218,7 +230,9 @@ class CrossStitchBackbone(nn.Module):
         models[tasks[-1]] = base
         for task, state in states.items():
             apply_state(models[task], state, head, f"task weights {task_weights[task]}")
-        model = cls(models, alpha=alpha, beta=beta, granularity=granularity, stages=stages)
+        model = cls(
+            models, alpha=alpha, beta=beta, granularity=granularity, stages=stages, heads=heads
+        )
         model.config.update(
             arch=arch,
             weights=weights,
@@ -233,4 +247,8 @@ class CrossStitchBackbone(nn.Module):
             feats = {task: net.stages[name](feats[task]) for task, net in self.backbones.items()}
             if name in self.cross_stitch:
                 feats = self.cross_stitch[name](feats)
-        return feats
+        size = x.shape[-2:]
+        return {
+            task: head_output(self.heads[task], f, size) if task in self.heads else f
+            for task, f in feats.items()
+        }

@@ -33,11 +33,20 @@ def save(model: CrossStitchBackbone, path: str | os.PathLike[str]) -> Path:
 
     Saving through a file object keeps the archive's inner folder name fixed, so the same model
     always gives the same bytes.
+
+    Heads given as channel counts are rebuilt from the config; a head given as a module is not.
     """
     if model.config.get("arch") is None:
         raise CrossStitchError(
             "this model was built from your own modules, so a checkpoint could not rebuild it; "
             "save model.state_dict() instead, or build it with CrossStitchBackbone.from_torchvision"
+        )
+    custom = [task for task in model.heads if task not in model.config.get("heads", {})]
+    if custom:
+        raise CrossStitchError(
+            f"the head of task {', '.join(custom)} is your own module, so a checkpoint could not "
+            "rebuild it; save model.state_dict() instead, or give the head as a number of "
+            "output channels"
         )
     payload = {
         "format": FORMAT,
@@ -74,7 +83,7 @@ def read(path: str | os.PathLike[str]) -> dict:
             f"{path} was written by a newer crossstitch (format version {file_version}, this one "
             f"reads up to {VERSION}); upgrade crossstitch"
         )
-    _check_config(path, payload.get("config"))
+    check_config(path, payload.get("config"))
     if not _is_state_dict(payload.get("state_dict")):
         raise CrossStitchError(f"{path} has no valid state_dict")
     return dict(payload)
@@ -91,6 +100,7 @@ def load(path: str | os.PathLike[str]) -> CrossStitchBackbone:
         beta=config["beta"],
         granularity=config["granularity"],
         stages=config["stages"],
+        heads=config.get("heads"),
     )
     model.config.update({k: v for k, v in config.items() if k != "versions"})
     try:
@@ -119,7 +129,8 @@ _CONFIG_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _check_config(path: Path, config: object) -> None:
+def check_config(path: str | os.PathLike[str], config: object) -> None:
+    """Refuse a stored config whose fields are missing or not of the types the builder takes."""
     if not isinstance(config, Mapping):
         raise CrossStitchError(f"{path} has no config")
     for key, kind in _CONFIG_TYPES.items():
@@ -132,3 +143,11 @@ def _check_config(path: Path, config: object) -> None:
     for key in ("alpha", "beta"):
         if not math.isfinite(config[key]):
             raise CrossStitchError(f"{path}: config field '{key}' is not a finite number")
+    heads = config.get("heads", {})
+    if not isinstance(heads, Mapping) or not all(
+        isinstance(task, str) and isinstance(c, int) and not isinstance(c, bool) and c > 0
+        for task, c in heads.items()
+    ):
+        raise CrossStitchError(
+            f"{path}: config field 'heads' must map task names to positive channel counts"
+        )

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.heads import head_output
 
 
 def reference_stitch(weight: Tensor, xs: list[Tensor], channel_dim: int) -> list[Tensor]:
@@ -32,14 +33,21 @@ def reference_stitch(weight: Tensor, xs: list[Tensor], channel_dim: int) -> list
 
 
 def reference_forward(model: CrossStitchBackbone, x: Tensor) -> dict[str, Tensor]:
-    """Run ``model``'s backbones stage by stage, stitching with ``reference_stitch``."""
+    """Run ``model``'s backbones stage by stage, stitching with ``reference_stitch``.
+
+    Tasks with a head get that head's output at the input size, as the model gives it.
+    """
     tasks = model.tasks
     feats = [model.backbones[t].stem(x) for t in tasks]
     for name in model.backbones[tasks[0]].stages:
         feats = [model.backbones[t].stages[name](f) for t, f in zip(tasks, feats, strict=True)]
         if name in model.cross_stitch:
             feats = reference_stitch(model.cross_stitch[name].weight, feats, model.channel_dim)
-    return dict(zip(tasks, feats, strict=True))
+    size = x.shape[-2:]
+    return {
+        t: head_output(model.heads[t], f, size) if t in model.heads else f
+        for t, f in zip(tasks, feats, strict=True)
+    }
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from crossstitch.backbone import CrossStitchBackbone, probe_shapes
 from crossstitch.errors import CrossStitchError
+from crossstitch.heads import DenseHead
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,16 @@ class StageRow:
 
 
 @dataclass(frozen=True)
+class OutputRow:
+    """What the model returns for one task: its head, if any, and the shape of one output."""
+
+    task: str
+    head: str | None
+    head_params: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Summary:
     """A model's stage table and totals at one input size."""
 
@@ -35,6 +49,8 @@ class Summary:
     params_per_task: int
     total_params: int
     stitch_params: int
+    head_params: int
+    outputs: list[OutputRow]
     float32_mb: float
     training_mb_per_image: float
     alpha: float
@@ -47,31 +63,61 @@ def activation_bytes(
 ) -> int:
     """Estimated activation memory of one forward (inference) or training step, all tasks.
 
-    Counts the output of every layer of one task backbone on the meta device. A training step
-    keeps them all for backward and about as much again for gradients; inference holds a few of
-    the largest at a time.
+    Counts the output of every layer of each task's network (backbone, then head and its
+    upsampled output) on the meta device. A training step keeps them all for backward and about
+    as much again for gradients; inference holds a few of the largest at a time.
     """
+    probe_batch = 2
+    per_task = []
+    for task in model.tasks:
+        with _recording(model.backbones[task]) as outputs:
+            shapes = probe_shapes(model.backbones[task], input_size)
+        if task in model.heads:
+            features = shapes[model.stages[-1].name]
+            with _recording(model.heads[task]) as head_outputs:
+                channels = _meta_call(model.heads[task], features).shape[1]
+            outputs += [*head_outputs, probe_batch * channels * input_size[0] * input_size[1] * 4]
+        per_task.append(2 * sum(outputs) if training else 3 * max(outputs, default=0))
+    return int(sum(per_task) / probe_batch * batch)
+
+
+@contextlib.contextmanager
+def _recording(module: nn.Module) -> Iterator[list[int]]:
+    """Collect the output bytes of every leaf layer of ``module`` while the block runs."""
     outputs: list[int] = []
 
-    def record(module: nn.Module, args: object, output: object) -> None:
+    def record(layer: nn.Module, args: object, output: object) -> None:
         if isinstance(output, torch.Tensor):
             outputs.append(output.numel() * output.element_size())
 
-    backbone = model.backbones[model.tasks[0]]
-    leaves = [m for m in backbone.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(record) for m in leaves]
+    handles = [m.register_forward_hook(record) for m in module.modules() if not list(m.children())]
     try:
-        probe_shapes(backbone, input_size)
+        yield outputs
     finally:
         for handle in handles:
             handle.remove()
-    probe_batch = 2
-    per_image = (2 * sum(outputs) if training else 3 * max(outputs, default=0)) / probe_batch
-    return int(per_image * batch * len(model.tasks))
+
+
+def _meta_call(module: nn.Module, features: torch.Size) -> torch.Tensor:
+    """Run ``module`` on a meta batch of two with features of this shape; nothing is allocated."""
+    meta = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+    }
+    return functional_call(module, meta, (torch.empty(2, *features[1:], device="meta"),))
 
 
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _head_name(head: nn.Module) -> str:
+    return "dense" if isinstance(head, DenseHead) else type(head).__name__
+
+
+def _head_channels(head: nn.Module, features: torch.Size) -> int:
+    """Output channels of a head, found by running it on the meta device (nothing allocated)."""
+    return _meta_call(head, features).shape[1]
 
 
 def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summary:
@@ -99,6 +145,18 @@ def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summar
         )
         for info in model.stages
     ]
+    last = shapes[model.stages[-1].name]
+    outputs = [
+        OutputRow(
+            task=task,
+            head=_head_name(model.heads[task]),
+            head_params=_count(model.heads[task]),
+            shape=(_head_channels(model.heads[task], last), *input_size),
+        )
+        if task in model.heads
+        else OutputRow(task=task, head=None, head_params=0, shape=tuple(last[1:]))
+        for task in model.tasks
+    ]
     total = _count(model)
     return Summary(
         arch=model.config.get("arch"),
@@ -109,6 +167,8 @@ def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summar
         params_per_task=_count(backbone),
         total_params=total,
         stitch_params=_count(model.cross_stitch),
+        head_params=_count(model.heads),
+        outputs=outputs,
         float32_mb=total * 4 / 1e6,
         training_mb_per_image=activation_bytes(model, 1, input_size, training=True) / 1e6,
         alpha=model.config["alpha"],

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from crossstitch.backbone import CrossStitchBackbone, probe_shapes
 from crossstitch.errors import CrossStitchError
+from crossstitch.heads import head_output
 from crossstitch.memory import check_fits
 from crossstitch.summary import activation_bytes
 
@@ -69,11 +70,15 @@ class BenchResult:
 
 
 def bare_forward(model: CrossStitchBackbone, x: Tensor) -> dict[str, Tensor]:
-    """The task backbones stage by stage, as ``model.forward`` runs them, minus the units."""
+    """The task networks stage by stage, as ``model.forward`` runs them, minus the units."""
     feats = {task: backbone.stem(x) for task, backbone in model.backbones.items()}
     for name in model.backbones[model.tasks[0]].stages:
         feats = {task: net.stages[name](feats[task]) for task, net in model.backbones.items()}
-    return feats
+    size = x.shape[-2:]
+    return {
+        task: head_output(model.heads[task], f, size) if task in model.heads else f
+        for task, f in feats.items()
+    }
 
 
 @contextlib.contextmanager

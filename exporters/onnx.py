@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ ATOL, RTOL = 1e-4, 1e-3
 MIN_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 CONFIG_KEY = "crossstitch.config"
+UNIT_WEIGHT = re.compile(r"cross_stitch\.(?P<stage>[^.]+)\.weight")
 
 
 @cache
@@ -66,14 +68,38 @@ def metadata(
         "crossstitch.alpha": repr(config["alpha"]),
         "crossstitch.beta": repr(config["beta"]),
         "crossstitch.granularity": config["granularity"],
+        "crossstitch.heads": ",".join(f"{t}={c}" for t, c in config.get("heads", {}).items()),
         "crossstitch.opset": str(opset),
     }
+
+
+def optimize_keeping_units(program: torch.onnx.ONNXProgram) -> None:
+    """Optimise the graph as ``torch.onnx.export`` does, but keep the unit weights whole.
+
+    Constant folding would replace each ``cross_stitch.<stage>.weight`` initializer by T² unnamed
+    per-pair slices, and drop the product of a pair whose weight is exactly 1, so the file would
+    no longer say what the units hold. The optimiser never folds a graph input, so the unit
+    weights are graph inputs while it runs and initializers again afterwards; onnxruntime folds
+    the slices when it loads the model, so inference runs the same graph either way.
+    """
+    graph = program.model.graph
+    units = [value for name, value in graph.initializers.items() if UNIT_WEIGHT.fullmatch(name)]
+    graph.inputs.extend(units)
+    try:
+        program.optimize()
+    finally:
+        for value in units:
+            program.model.graph.inputs.remove(value)
 
 
 def export(
     model: CrossStitchBackbone, path: Path, example: Tensor, options: ExportOptions
 ) -> dict[str, Any]:
-    """Export with the dynamo exporter; the TorchScript-based exporter only if that fails."""
+    """Export with the dynamo exporter; the TorchScript-based exporter only if that fails.
+
+    The dynamo export keeps each unit's weight as the initializer ``cross_stitch.<stage>.weight``
+    (see ``optimize_keeping_units``), which ``read_unit_weights`` reads back.
+    """
     opset = options.opset or newest_opset()
     external = _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
     names = {"input_names": [INPUT_NAME], "output_names": list(model.tasks)}
@@ -86,10 +112,12 @@ def export(
                 (example,),
                 dynamo=True,
                 verbose=False,
+                optimize=False,
                 opset_version=opset,
                 dynamic_shapes=dynamic_shapes(options.dynamic),
                 **names,
             )
+            optimize_keeping_units(program)
             program.model.metadata_props.update(props)
             program.save(path, external_data=external)
             details["exporter"] = "dynamo"
@@ -126,8 +154,8 @@ def looks_like_onnx(path: Path) -> bool:
     return len(proto.graph.node) > 0
 
 
-def read_config(path: Path) -> dict:
-    """The crossstitch config stored in an ONNX file; foreign files are refused."""
+def _read(path: Path) -> tuple[onnx.ModelProto, dict]:
+    """The model without its external data, and its crossstitch config; foreign files refused."""
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
@@ -137,7 +165,45 @@ def read_config(path: Path) -> dict:
     props = {p.key: p.value for p in proto.metadata_props}
     if CONFIG_KEY not in props or [i.name for i in proto.graph.input] != [INPUT_NAME]:
         raise CrossStitchError(f"{path} is an ONNX model, but not one exported by crossstitch")
-    return json.loads(props[CONFIG_KEY])
+    try:
+        config = json.loads(props[CONFIG_KEY])
+    except ValueError as exc:
+        raise CrossStitchError(f"{path} has a damaged crossstitch config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CrossStitchError(f"{path} has a damaged crossstitch config (not a JSON object)")
+    return proto, config
+
+
+def read_config(path: Path) -> dict:
+    """The crossstitch config stored in an ONNX file; foreign files are refused."""
+    return _read(path)[1]
+
+
+def read_unit_weights(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """The config and the weight of every initializer named ``cross_stitch.<stage>.weight``.
+
+    Only those tensors are read, from the file or from its external data; keys are stage names.
+    """
+    proto, config = _read(path)
+    weights = {}
+    for tensor in proto.graph.initializer:
+        match = UNIT_WEIGHT.fullmatch(tensor.name)
+        if not match:
+            continue
+        try:
+            values = onnx.numpy_helper.to_array(tensor, base_dir=str(path.parent))
+        except Exception as exc:
+            raise CrossStitchError(
+                f"cannot read {tensor.name} from {path} ({exc})".splitlines()[0]
+            ) from exc
+        weights[match["stage"]] = torch.from_numpy(values.copy())
+    if config.get("stages") and not weights:
+        raise CrossStitchError(
+            f"{path} does not hold its unit weights as initializers named "
+            "cross_stitch.<stage>.weight (the TorchScript-based exporter folds them into the "
+            "graph); inspect the checkpoint it was exported from"
+        )
+    return config, weights
 
 
 def load(path: Path, threads: int | None = None) -> Artifact:

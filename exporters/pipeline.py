@@ -74,11 +74,18 @@ def verification_inputs(export_input: list[int], dynamic: bool, seed: int) -> In
 
 def check_compatible(config: dict, model: CrossStitchBackbone, path: Path) -> None:
     """An artifact and the checkpoint it is compared with must describe the same network."""
-    for key in ("arch", "tasks", "stages", "granularity"):
-        if config.get(key) != model.config.get(key):
+    for key, default in (
+        ("arch", None),
+        ("tasks", None),
+        ("stages", None),
+        ("granularity", None),
+        ("heads", {}),
+    ):
+        there, here = config.get(key, default), model.config.get(key, default)
+        if there != here:
             raise CrossStitchError(
-                f"{path} does not come from this checkpoint: {key} is {config.get(key)} there, "
-                f"{model.config.get(key)} in the checkpoint"
+                f"{path} does not come from this checkpoint: {key} is {there} there, "
+                f"{here} in the checkpoint"
             )
 
 

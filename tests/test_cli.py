@@ -166,6 +166,23 @@ BAD_INPUT = {
         ["build", "resnet18", "--tasks", "a", "b", "--task-weights", "c=x.pt"],
         "unknown task c",
     ),
+    "head without =": (["build", "resnet18", "--tasks", "a", "b", "--head", "a"], "TASK=CHANNELS"),
+    "head of zero channels": (
+        ["build", "resnet18", "--tasks", "a", "b", "--head", "a=0"],
+        "positive integer, got '0'",
+    ),
+    "head channels not a number": (
+        ["build", "resnet18", "--tasks", "a", "b", "--head", "a=many"],
+        "'many'",
+    ),
+    "head for unknown task": (
+        ["build", "resnet18", "--tasks", "a", "b", "--head", "c=2"],
+        "heads given for unknown task c",
+    ),
+    "head given twice": (
+        ["build", "resnet18", "--tasks", "a", "b", "--head", "a=2", "--head", "a=3"],
+        "task 'a' twice",
+    ),
     "output folder missing": (
         ["build", "resnet18", "--tasks", "a", "b", "-o", "nowhere/m.pt"],
         "does not exist",

@@ -146,3 +146,39 @@ def test_interrupted_export_cleans_up_and_keeps_the_previous_file(tmp_path, monk
         export_verified(build(), fmt, previous, (64, 64), ExportOptions())
     assert [p.name for p in tmp_path.iterdir()] == ["m.out"]
     assert previous.read_bytes() == b"previous good export"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_heads_give_input_sized_outputs_in_every_format(tmp_path, fmt):
+    model = build(tasks=["seg", "depth", "normals"], heads={"seg": 5, "depth": 1})
+    randomize_units(model)
+    result = export_verified(
+        model, fmt, tmp_path / f"m{FORMATS[fmt].SUFFIX}", (64, 64), ExportOptions()
+    )
+    assert result.written and result.passed
+    artifact = FORMATS[fmt].load(result.path)
+    x = Inputs(1, 72, 100, seed=4).tensor()
+    shapes = {name: tuple(out.shape) for name, out in artifact.run(x).items()}
+    assert shapes == {"seg": (1, 5, 72, 100), "depth": (1, 1, 72, 100), "normals": (1, 512, 3, 4)}
+    again = compare_artifact(artifact, result.path, model, Inputs(2, 96, 80, seed=5), 1e-4, 1e-3)
+    assert again.passed
+
+
+def test_onnx_head_outputs_have_dynamic_batch_height_and_width(tmp_path):
+    path = tmp_path / "m.onnx"
+    export_verified(build(heads={"seg": 3}), "onnx", path, (64, 64), ExportOptions(), verify=False)
+    proto = onnx.load(str(path))
+    image_dims = proto.graph.input[0].type.tensor_type.shape.dim
+    seg_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    assert seg_dims[1].dim_value == 3
+    assert [d.dim_param for d in seg_dims] == [
+        image_dims[0].dim_param,
+        "",
+        image_dims[2].dim_param,
+        image_dims[3].dim_param,
+    ]
+    assert all(image_dims[i].dim_param for i in (0, 2, 3))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["crossstitch.heads"] == "seg=3"
+    with pytest.raises(crossstitch.CrossStitchError, match=r"heads is \{'seg': 3\} there"):
+        compare_artifact(onnx_format.load(path), path, build(), Inputs(1, 64, 64, 0), 1e-4, 1e-3)

@@ -1,7 +1,9 @@
-"""The README's commands and its Python example stay true."""
+"""The README's commands and its Python examples stay true."""
 
 import re
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,8 +20,19 @@ def test_readme_opens_with_the_two_fresh_machine_commands():
     assert second.strip().removesuffix(" && pytest") in ci
 
 
-def test_python_example_runs(tmp_path, monkeypatch):
+PYTHON_BLOCKS = _blocks("python")
+
+
+def test_readme_shows_the_api_and_a_training_example():
+    assert any("CrossStitchBackbone.from_torchvision(" in b for b in PYTHON_BLOCKS)
+    assert any("crossstitch.param_groups(" in b for b in PYTHON_BLOCKS)
+
+
+@pytest.mark.parametrize(
+    "block", PYTHON_BLOCKS, ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))]
+)
+def test_every_python_example_runs_and_writes_what_it_saves(tmp_path, monkeypatch, block):
     monkeypatch.chdir(tmp_path)
-    (example,) = _blocks("python")
-    exec(compile(example, "README.md", "exec"), {})
-    assert (tmp_path / "m.pt").is_file()
+    exec(compile(block, "README.md", "exec"), {})
+    for saved in re.findall(r'crossstitch\.save\(\w+, "([^"]+)"\)', block):
+        assert (tmp_path / saved).is_file()
