@@ -123,10 +123,12 @@ def peak_tensor_mb(call: Callable[[Tensor], object], x: Tensor) -> float:
 
 
 def _training_step(model: CrossStitchBackbone, forward: Callable[[Tensor], dict]) -> Callable:
+    """Forward, backward, then drop the gradients: every step starts from none, alike."""
+
     def step(x: Tensor) -> None:
-        model.zero_grad(set_to_none=True)
         out = forward(x)
         sum(o.mean() for o in out.values()).backward()
+        model.zero_grad(set_to_none=True)
 
     return step
 
@@ -216,8 +218,8 @@ def _time_variants(
         steps = [_training_step(model, model), _training_step(model, inference[BASELINE])]
         train_timings = [Timing(STITCHED, "training"), Timing(BASELINE, "training")]
         model.train()
-        _interleave(steps, train_timings, x, runs, warmup)
         model.zero_grad(set_to_none=True)
+        _interleave(steps, train_timings, x, runs, warmup)
         model.eval()
         timings += train_timings
     for timing in timings:
@@ -231,13 +233,15 @@ def _interleave(
 ) -> None:
     """Warm up, time ``runs`` rounds, then one more round under the profiler for memory.
 
-    The profiler stays off while timing so that it cannot slow any call.
+    Every other round runs the variants in reverse order, so none always follows the same
+    neighbour; the profiler stays off while timing so that it cannot slow any call.
     """
     for _ in range(warmup):
         for call in calls:
             call(x)
-    for _ in range(runs):
-        for call, timing in zip(calls, timings, strict=True):
+    pairs = list(zip(calls, timings, strict=True))
+    for round_index in range(runs):
+        for call, timing in pairs if round_index % 2 == 0 else reversed(pairs):
             start = time.perf_counter()
             call(x)
             timing.seconds.append(time.perf_counter() - start)
