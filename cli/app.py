@@ -152,32 +152,27 @@ def _seed(value: int) -> int:
     return value
 
 
-def _task_weights(values: list[str]) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        task, sep, path = value.partition("=")
-        if not sep or not task or not path:
-            raise CrossStitchError(f"--task-weights takes TASK=PATH, got '{value}'")
+def _task_pairs(option: str, metavar: str, values: list[str]) -> dict[str, str]:
+    """``TASK=VALUE`` items of a repeatable option, each task at most once."""
+    pairs: dict[str, str] = {}
+    for item in values:
+        task, sep, value = item.partition("=")
+        if not sep or not task or not value:
+            raise CrossStitchError(f"{option} takes TASK={metavar}, got '{item}'")
         if task in pairs:
-            raise CrossStitchError(f"--task-weights gives task '{task}' twice")
-        pairs[task] = path
+            raise CrossStitchError(f"{option} gives task '{task}' twice")
+        pairs[task] = value
     return pairs
 
 
 def _heads(values: list[str]) -> dict[str, int]:
-    heads = {}
-    for value in values:
-        task, sep, channels = value.partition("=")
-        if not sep or not task or not channels:
-            raise CrossStitchError(f"--head takes TASK=CHANNELS, got '{value}'")
-        if task in heads:
-            raise CrossStitchError(f"--head gives task '{task}' twice")
+    heads = _task_pairs("--head", "CHANNELS", values)
+    for task, channels in heads.items():
         if not channels.isdigit() or int(channels) < 1:
             raise CrossStitchError(
-                f"--head {value}: CHANNELS must be a positive integer, got '{channels}'"
+                f"--head {task}={channels}: CHANNELS must be a positive integer, got '{channels}'"
             )
-        heads[task] = int(channels)
-    return heads
+    return {task: int(channels) for task, channels in heads.items()}
 
 
 @app.command()
@@ -269,7 +264,7 @@ def build(
         beta=beta,
         granularity=granularity,
         stages=stitched,
-        task_weights=_task_weights(task_weights or []),
+        task_weights=_task_pairs("--task-weights", "PATH", task_weights or []),
         weights_file=str(weights_file) if weights_file else None,
         heads=_heads(head or []),
     )
