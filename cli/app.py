@@ -111,6 +111,8 @@ app = typer.Typer(
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print a machine-readable result on stdout, nothing else.")
 ]
+AtolOption = Annotated[float | None, typer.Option(help="Absolute tolerance [default: per format].")]
+RtolOption = Annotated[float | None, typer.Option(help="Relative tolerance [default: per format].")]
 DebugOption = Annotated[
     bool, typer.Option("--debug", help="Show tracebacks and library warnings on failure.")
 ]
@@ -324,12 +326,8 @@ def export(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Skip verifying the artifact with its runtime.")
     ] = False,
-    atol: Annotated[
-        float | None, typer.Option(help="Absolute tolerance [default: per format].")
-    ] = None,
-    rtol: Annotated[
-        float | None, typer.Option(help="Relative tolerance [default: per format].")
-    ] = None,
+    atol: AtolOption = None,
+    rtol: RtolOption = None,
     keep_failed: Annotated[
         bool, typer.Option("--keep-failed", help="Write the artifact even if verification fails.")
     ] = False,
@@ -407,12 +405,8 @@ def verify(
         typer.Option(metavar="SIZE|H W", help="Input size [default: export size + (32, 64)]."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs (reported).")] = 0,
-    atol: Annotated[
-        float | None, typer.Option(help="Absolute tolerance [default: per format].")
-    ] = None,
-    rtol: Annotated[
-        float | None, typer.Option(help="Relative tolerance [default: per format].")
-    ] = None,
+    atol: AtolOption = None,
+    rtol: RtolOption = None,
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:

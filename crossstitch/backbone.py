@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from crossstitch.errors import CrossStitchError
-from crossstitch.families import Family, Split, family_of
+from crossstitch.families import Split, family_of
 from crossstitch.heads import build_heads, check_heads, head_output
 from crossstitch.memory import build_bytes, check_fits
 from crossstitch.stages import StageInfo, arch_spec
@@ -132,10 +132,11 @@ class CrossStitchBackbone(nn.Module):
         check_granularity(granularity)
         check_init(alpha, beta)
         heads = check_heads(heads, self.tasks)
-        families = {family_of(m).name for m in models.values()}
+        families = {family_of(m) for m in models.values()}
         if len(families) > 1:
-            raise CrossStitchError(f"all task models must be of one family, got {sorted(families)}")
-        family: Family = family_of(next(iter(models.values())))
+            names = sorted(f.name for f in families)
+            raise CrossStitchError(f"all task models must be of one family, got {names}")
+        (family,) = families
         self.channel_dim = family.channel_dim
         self.backbones = nn.ModuleDict(
             {task: TaskBackbone(family.split(model)) for task, model in models.items()}

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
 
 import crossstitch
@@ -26,3 +33,26 @@ def build(
 
 def image(batch: int = 2, size: int = SMALL, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+EXE = shutil.which("crossstitch", path=os.path.dirname(sys.executable)) or "crossstitch"
+
+
+def interrupt_when_staged(
+    args: list[str], cwd: Path, staged: str, sig: int, settle: float = 0.0
+) -> tuple[int, bytes]:
+    """Run the installed CLI, send ``sig`` once a file matching ``staged`` appears in ``cwd``.
+
+    Returns the exit code and stderr.
+    """
+    process = subprocess.Popen(
+        [EXE, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 180
+    while not list(cwd.glob(staged)) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    time.sleep(settle)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err

@@ -1,39 +1,25 @@
 """Writes stay whole under interruption and concurrency; requests too large are refused early."""
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 import crossstitch
 from crossstitch import CrossStitchError
 from crossstitch.memory import available_bytes, build_bytes
-
-EXE = shutil.which("crossstitch", path=os.path.dirname(sys.executable)) or "crossstitch"
+from helpers import EXE, interrupt_when_staged
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_build_interrupted_while_saving_keeps_the_previous_file(tmp_path, sig):
     previous = tmp_path / "crossstitch.pt"
     previous.write_bytes(b"previous good checkpoint")
-    process = subprocess.Popen(
-        [EXE, "build", "resnet50", "--tasks", "a,b,c,d"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    code, err = interrupt_when_staged(
+        ["build", "resnet50", "--tasks", "a,b,c,d"], tmp_path, ".crossstitch.pt.*", sig
     )
-    deadline = time.monotonic() + 180
-    while not list(tmp_path.glob(".crossstitch.pt.*")) and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.005)
-    process.send_signal(sig)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode in (130, 128 + sig), err
+    assert code in (130, 128 + sig), err
     assert b"Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crossstitch.pt"]
     assert previous.read_bytes() == b"previous good checkpoint"

@@ -1,20 +1,16 @@
 """`crossstitch verify` and `crossstitch export` from the command line, good input and bad."""
 
 import json
-import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import onnx
 import pytest
 import torch
 
 import crossstitch
-from helpers import build
+from helpers import build, interrupt_when_staged
 
 
 @pytest.fixture
@@ -179,22 +175,11 @@ def test_export_json_is_the_only_thing_on_stdout(cli, folder):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_export_leaves_no_temporaries_and_keeps_the_old_file(folder, sig):
-    exe = shutil.which("crossstitch", path=os.path.dirname(sys.executable)) or "crossstitch"
     previous = (folder / "crossstitch.onnx").read_bytes()
-    process = subprocess.Popen(
-        [exe, "export", "--format", "onnx"],
-        cwd=folder,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    code, err = interrupt_when_staged(
+        ["export", "--format", "onnx"], folder, ".crossstitch.onnx.*", sig, settle=0.5
     )
-    deadline = time.monotonic() + 120
-    while not list(folder.glob(".crossstitch.onnx.*")) and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    time.sleep(0.5)
-    process.send_signal(sig)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode in (130, 128 + sig), err
+    assert code in (130, 128 + sig), err
     assert b"Traceback" not in err
     assert not list(folder.glob(".*")), list(folder.glob(".*"))
     assert (folder / "crossstitch.onnx").read_bytes() == previous
