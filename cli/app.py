@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 import crossstitch
 from crossstitch.errors import CrossStitchError
 from crossstitch.exporters.errors import ExportFailed
-from crossstitch.stages import arch_spec, architectures
+from crossstitch.stages import arch_spec, architectures, check_fixed_size
 
 from . import render
 from .argv import expand_multi_values, split_commas
@@ -146,6 +146,8 @@ def _input_size(values: list[int]) -> tuple[int, int]:
 
 
 MAX_SEED = 2**63 - 1
+DEFAULT_SIZE = 224
+BENCH_SIZE = 128
 
 
 def _seed(value: int) -> int:
@@ -236,7 +238,11 @@ def build(
     ] = None,
     input_size: Annotated[
         list[int] | None,
-        typer.Option(metavar="SIZE|H W", help="Input size for the summary's feature sizes."),
+        typer.Option(
+            metavar="SIZE|H W",
+            help="Input size for the summary's feature sizes [default: 224, or the size a "
+            "fixed-size model takes].",
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
     output: Annotated[
@@ -249,9 +255,11 @@ def build(
     from crossstitch.files import check_output_path
 
     check_output_path(output)
-    size = _input_size(input_size or [224])
+    size = _input_size(input_size) if input_size else None
     seed = _seed(seed)
     spec = arch_spec(arch)
+    if size and weights == "none":
+        check_fixed_size(spec.name, spec.input_size, size, "--input-size")
 
     import torch
 
@@ -274,6 +282,8 @@ def build(
     with render.working(f"Building {spec.name}", quiet=json_output):
         model = crossstitch.CrossStitchBackbone.from_torchvision(spec.name, **options)
         model.config["seed"] = seed
+        size = size or (model.input_size or DEFAULT_SIZE,) * 2
+        model.check_input_size(size)
         summary = summarize(model, size)
         save(model, output)
     if json_output:
@@ -321,7 +331,11 @@ def export(
     ] = False,
     input_size: Annotated[
         list[int] | None,
-        typer.Option(metavar="SIZE|H W", help="Example input size for the export [default: 224]."),
+        typer.Option(
+            metavar="SIZE|H W",
+            help="Example input size for the export [default: 224, or the size a fixed-size "
+            "model takes].",
+        ),
     ] = None,
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Skip verifying the artifact with its runtime.")
@@ -337,7 +351,7 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX, TorchScript and/or pt2, verifying each artifact."""
     formats = _formats(fmt)
-    size = _input_size(input_size or [224])
+    size = _input_size(input_size) if input_size else None
     seed = _seed(seed)
     atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
 
@@ -360,6 +374,8 @@ def export(
         check_output_path(destination)
     with render.working(f"Loading {model_path}", quiet=json_output):
         model = load(model_path)
+    size = size or (model.input_size or DEFAULT_SIZE,) * 2
+    model.check_input_size(size)
     results = []
     for name, destination in destinations.items():
         with render.working(f"Exporting {name} to {destination}", quiet=json_output):
@@ -433,7 +449,9 @@ def verify(
             )
         with render.working(f"Loading {path}", quiet=json_output):
             model = load(path)
-        height, width = size or (256, 288)
+        if size:
+            model.check_input_size(size)
+        height, width = size or ((model.input_size,) * 2 if model.input_size else (256, 288))
         inputs = Inputs(batch or 3, height, width, seed)
         check_fits(
             2 * activation_bytes(model, inputs.batch, (height, width), training=False),
@@ -466,8 +484,10 @@ def verify(
             artifact = module.load(path)
             model = load(checkpoint)
         inputs = verification_inputs(
-            artifact.config["export_input"], artifact.config["dynamic"], seed
+            artifact.config["export_input"], artifact.config["dynamic"], seed, model.input_size
         )
+        if size:
+            model.check_input_size(size)
         if batch or size:
             height, width = size or (inputs.height, inputs.width)
             inputs = Inputs(batch or inputs.batch, height, width, seed)
@@ -518,7 +538,11 @@ def bench(
     ] = None,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 4,
     input_size: Annotated[
-        list[int] | None, typer.Option(metavar="SIZE|H W", help="Input size [default: 128].")
+        list[int] | None,
+        typer.Option(
+            metavar="SIZE|H W",
+            help="Input size [default: 128, or the size a fixed-size model takes].",
+        ),
     ] = None,
     runs: Annotated[int, typer.Option(help="Timed calls per variant.")] = 10,
     threads: Annotated[
@@ -531,7 +555,7 @@ def bench(
     debug: DebugOption = False,
 ) -> None:
     """Time the model against its bare backbones and its exported artifacts."""
-    size = _input_size(input_size or [128])
+    size = _input_size(input_size) if input_size else None
     for name, value in (("batch", batch), ("runs", runs), ("threads", threads)):
         if value is not None and value < 1:
             raise CrossStitchError(f"--{name} must be a positive integer, got {value}")
@@ -558,6 +582,8 @@ def bench(
         with render.working(f"Loading {model_path}", quiet=json_output):
             model = load(model_path)
         artifacts = artifacts_beside(model_path)
+    size = size or (model.input_size or BENCH_SIZE,) * 2
+    model.check_input_size(size)
     with render.working("Timing", quiet=json_output):
         result = run_bench(
             model,

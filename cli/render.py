@@ -63,8 +63,9 @@ def _millions(count: int) -> str:
 def build_summary(summary: Any, output: str, seed: int) -> None:
     """The stage table and totals printed by ``crossstitch build``."""
     height, width = summary.input_size
+    fixed = " (the only size it takes)" if summary.fixed_input else ""
     table = Table(
-        title=f"{summary.arch} × {len(summary.tasks)} tasks, input {height}×{width}",
+        title=f"{summary.arch} × {len(summary.tasks)} tasks, input {height}×{width}{fixed}",
         title_justify="left",
     )
     table.add_column("stage")
@@ -139,6 +140,7 @@ def arch_table(specs: list[ArchSpec]) -> None:
     table.add_column("family")
     table.add_column("stages")
     table.add_column("channels/reduction per stage")
+    table.add_column("input")
     table.add_column("weights")
     for spec in specs:
         table.add_row(
@@ -146,6 +148,7 @@ def arch_table(specs: list[ArchSpec]) -> None:
             spec.family,
             _stage_names([s.name for s in spec.stages]),
             " ".join(f"{s.channels}/{s.reduction}" for s in spec.stages),
+            f"{spec.input_size} only" if spec.input_size else f">= {spec.min_size}",
             " ".join(spec.weights),
         )
     stdout.print(table)

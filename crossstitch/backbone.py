@@ -11,10 +11,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from crossstitch.errors import CrossStitchError
-from crossstitch.families import Split, family_of
+from crossstitch.families import Split, family_of, nominal_reduction, resolution
 from crossstitch.heads import build_heads, check_heads, head_output
 from crossstitch.memory import build_bytes, check_fits
-from crossstitch.stages import StageInfo, arch_spec
+from crossstitch.stages import StageInfo, arch_spec, check_fixed_size, check_head_layout
 from crossstitch.units import GRANULARITIES, CrossStitchUnit, check_init, default_beta
 from crossstitch.weights import apply_state, build_classifier, load_state_file, resolve_weights
 
@@ -137,11 +137,15 @@ class CrossStitchBackbone(nn.Module):
             names = sorted(f.name for f in families)
             raise CrossStitchError(f"all task models must be of one family, got {names}")
         (family,) = families
+        if heads:
+            check_head_layout(family.name, family.layout)
+        self.layout = family.layout
         self.channel_dim = family.channel_dim
+        self.input_size = family.fixed_size(next(iter(models.values())))
         self.backbones = nn.ModuleDict(
             {task: TaskBackbone(family.split(model)) for task, model in models.items()}
         )
-        self.stages = self._stage_info(PROBE_SIZE)
+        self.stages = self._stage_info(self.input_size or PROBE_SIZE)
         stitched = select_stages([s.name for s in self.stages], stages)
         beta = default_beta(alpha, len(self.tasks)) if beta is None else beta
         self.cross_stitch = nn.ModuleDict(
@@ -163,7 +167,29 @@ class CrossStitchBackbone(nn.Module):
             "granularity": granularity,
             "stages": stitched,
             "heads": {task: head for task, head in heads.items() if isinstance(head, int)},
+            "input_size": self.input_size,
         }
+
+    def check_input_size(self, size: Sequence[int], option: str = "--input-size") -> None:
+        """Refuse an input size that a fixed-size model (ViT, MaxViT) cannot take."""
+        name = self.config.get("arch") or self.config["family"]
+        check_fixed_size(name, self.input_size, tuple(size), option)
+
+    def smallest_export_size(self, at_least: int = 32) -> int:
+        """The smallest square input, a multiple of 32 from ``at_least`` up, at which every stage
+        has features of at least 2x2: exporters specialise a dimension of size 1, so an artifact
+        exported at that size would accept no other.
+        """
+        if self.input_size is not None:
+            return self.input_size
+        backbone = self.backbones[self.tasks[0]]
+        size = -(-at_least // 32) * 32
+        while (
+            min(resolution(s, self.layout) for s in probe_shapes(backbone, (size, size)).values())
+            < 2
+        ):
+            size += 32
+        return size
 
     def _stage_info(self, size: int) -> list[StageInfo]:
         per_task = {
@@ -178,7 +204,9 @@ class CrossStitchBackbone(nn.Module):
                 )
         return [
             StageInfo(
-                name, shape[self.channel_dim], size // shape[2 if self.channel_dim == 1 else 1]
+                name,
+                shape[self.channel_dim],
+                nominal_reduction(size, resolution(shape, self.layout), self.layout),
             )
             for name, shape in first.items()
         ]
@@ -196,20 +224,23 @@ class CrossStitchBackbone(nn.Module):
         task_weights: Mapping[str, str] | None = None,
         weights_file: str | None = None,
         heads: Mapping[str, int | nn.Module] | None = None,
+        load_weights: bool = True,
     ) -> CrossStitchBackbone:
         """Build from a torchvision architecture name, one copy of the network per task.
 
         ``weights`` names torchvision weights (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...) for all
         tasks, ``weights_file`` a classifier state_dict file for all tasks, and
         ``task_weights`` per-task state_dict files (single-task checkpoints) applied on top.
-        ``heads`` attaches a head to some tasks (see the class). All options are checked before
-        anything is built.
+        ``heads`` attaches a head to some tasks (see the class). ``load_weights=False`` builds
+        the network that ``weights`` imply without loading them, as ``crossstitch.load`` does
+        before loading its own. All options are checked before anything is built.
         """
         spec = arch_spec(arch)
         tasks = check_tasks(tasks)
         check_granularity(granularity)
         check_init(alpha, beta)
-        check_heads(heads, tasks)
+        if check_heads(heads, tasks):
+            check_head_layout(arch, spec.layout)
         select_stages([s.name for s in spec.stages], stages)
         weights = resolve_weights(arch, weights)
         task_weights = dict(task_weights or {})
@@ -223,7 +254,7 @@ class CrossStitchBackbone(nn.Module):
         states = {task: load_state_file(path) for task, path in task_weights.items()}
         shared_state = load_state_file(weights_file) if weights_file else None
 
-        base = build_classifier(arch, weights)
+        base = build_classifier(arch, weights, load=load_weights)
         head = family_of(base).head
         if shared_state is not None:
             apply_state(base, shared_state, head, f"weights file {weights_file}")

@@ -96,6 +96,8 @@ def load(path: str | os.PathLike[str]) -> CrossStitchBackbone:
     model = CrossStitchBackbone.from_torchvision(
         config["arch"],
         config["tasks"],
+        weights=config.get("weights"),
+        load_weights=False,
         alpha=config["alpha"],
         beta=config["beta"],
         granularity=config["granularity"],
@@ -143,6 +145,8 @@ def check_config(path: str | os.PathLike[str], config: object) -> None:
     for key in ("alpha", "beta"):
         if not math.isfinite(config[key]):
             raise CrossStitchError(f"{path}: config field '{key}' is not a finite number")
+    if not isinstance(config.get("weights"), str | None):
+        raise CrossStitchError(f"{path}: config field 'weights' must be a weights name or null")
     heads = config.get("heads", {})
     if not isinstance(heads, Mapping) or not all(
         isinstance(task, str) and isinstance(c, int) and not isinstance(c, bool) and c > 0

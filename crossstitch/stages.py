@@ -27,12 +27,20 @@ class StageInfo:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """A supported torchvision architecture: its family, stages and named pretrained weights."""
+    """A supported torchvision architecture: its family, stages and named pretrained weights.
+
+    ``input_size`` is the one square size a fixed-size model takes (None: any size from
+    ``min_size`` up works, as torchvision states for its weights). ``layout`` is how stage
+    features are laid out: ``nchw``, ``nhwc`` (Swin) or ``tokens`` (ViT).
+    """
 
     name: str
     family: str
     stages: tuple[StageInfo, ...]
     weights: tuple[str, ...]
+    input_size: int | None
+    min_size: int
+    layout: str
 
 
 @cache
@@ -45,6 +53,9 @@ def architectures() -> dict[str, ArchSpec]:
             family=entry["family"],
             stages=tuple(StageInfo(*stage) for stage in entry["stages"]),
             weights=tuple(entry["weights"]),
+            input_size=entry["input_size"],
+            min_size=entry["min_size"],
+            layout=entry["layout"],
         )
         for name, entry in raw["architectures"].items()
     }
@@ -60,3 +71,22 @@ def arch_spec(name: str) -> ArchSpec:
         f"did you mean {', '.join(close)}?" if close else "run `crossstitch list` to see them all"
     )
     raise CrossStitchError(f"unknown architecture '{name}'; {hint}")
+
+
+def check_fixed_size(name: str, fixed: int | None, size: tuple[int, ...], option: str) -> None:
+    """Refuse an input ``size`` other than the one a fixed-size model (ViT, MaxViT) takes."""
+    if fixed is not None and tuple(size) != (fixed, fixed):
+        raise CrossStitchError(
+            f"{name} takes {fixed}x{fixed} images only; {option} {'x'.join(map(str, size))} "
+            f"cannot be used (leave it out to get {fixed})"
+        )
+
+
+def check_head_layout(name: str, layout: str) -> None:
+    """Dense heads take ``[N, C, H, W]`` maps; refuse them for channel-last and token features."""
+    if layout != "nchw":
+        kind = "channel-last maps [N, H, W, C]" if layout == "nhwc" else "tokens [N, 1 + HW, C]"
+        raise CrossStitchError(
+            f"--head needs [N, C, H, W] feature maps, but {name} features are {kind}; "
+            "attach your own head to the features it returns"
+        )

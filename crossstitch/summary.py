@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from crossstitch.backbone import CrossStitchBackbone, probe_shapes
 from crossstitch.errors import CrossStitchError
+from crossstitch.families import feature_size
 from crossstitch.heads import DenseHead
 
 
@@ -42,6 +43,7 @@ class Summary:
     """A model's stage table and totals at one input size."""
 
     arch: str | None
+    fixed_input: bool
     tasks: list[str]
     input_size: tuple[int, int]
     stem_params_per_task: int
@@ -131,13 +133,12 @@ def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summar
         raise CrossStitchError(
             f"input size {height}x{width} is too small for {name} ({str(exc).splitlines()[0]})"
         ) from exc
-    spatial = slice(2, 4) if model.channel_dim == 1 else slice(1, 3)
     rows = [
         StageRow(
             name=info.name,
             channels=info.channels,
             reduction=info.reduction,
-            feature_size=tuple(shapes[info.name][spatial]),
+            feature_size=feature_size(shapes[info.name], model.layout),
             params_per_task=_count(backbone.stages[info.name]),
             stitch_params=_count(model.cross_stitch[info.name])
             if info.name in model.cross_stitch
@@ -160,6 +161,7 @@ def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summar
     total = _count(model)
     return Summary(
         arch=model.config.get("arch"),
+        fixed_input=model.input_size is not None,
         tasks=list(model.tasks),
         input_size=tuple(input_size),
         stem_params_per_task=_count(backbone.stem),

@@ -35,14 +35,30 @@ def cached_weights_path(arch: str, weights: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def build_classifier(arch: str, weights: str | None) -> nn.Module:
+def network_kwargs(arch: str, weights: str | None) -> dict:
+    """Builder arguments that torchvision derives from named weights and that change what the
+    network computes: the input rescaling of GoogLeNet and Inception v3, the input size of ViT.
+    """
+    if weights is None:
+        return {}
+    meta = torchvision.models.get_model_weights(arch)[weights].meta
+    family = arch_spec(arch).family
+    if family in ("googlenet", "inception"):
+        return {"transform_input": True}
+    if family == "vit":
+        return {"image_size": meta["min_size"][0]}
+    return {}
+
+
+def build_classifier(arch: str, weights: str | None, load: bool = True) -> nn.Module:
     """The torchvision classifier ``arch``, randomly initialised or with named weights.
 
     Named weights come from torchvision's cache, or are downloaded into it; offline and not
     cached, the error names the file torchvision expects and the ``--weights-file`` way round.
+    With ``load=False`` the network is the one those weights imply, left randomly initialised.
     """
-    if weights is None:
-        return torchvision.models.get_model(arch)
+    if weights is None or not load:
+        return torchvision.models.get_model(arch, **network_kwargs(arch, weights))
     try:
         return torchvision.models.get_model(arch, weights=weights)
     except (URLError, OSError, RuntimeError) as exc:

@@ -52,15 +52,31 @@ def torch_artifact(module: Callable, config: str, path: Path, kind: str) -> Arti
     return Artifact(json.loads(config), run)
 
 
-def dynamic_shapes(dynamic: bool) -> dict | None:
+def dynamic_shapes(model: CrossStitchBackbone, dynamic: bool) -> dict | None:
     """torch.export dynamic shapes for the image input: batch, height and width free.
 
     Height and width use ``Dim.AUTO``: torch.export derives the smallest size at which every
-    stage still has features larger than 1x1, which is architecture-specific.
+    stage still has features larger than 1x1, which is architecture-specific. A fixed-size model
+    (ViT, MaxViT) keeps its height and width.
     """
     if not dynamic:
         return None
-    return {"x": {0: Dim("batch", min=1), 2: Dim.AUTO, 3: Dim.AUTO}}
+    axes = {0: Dim("batch", min=1)}
+    if model.input_size is None:
+        axes.update({2: Dim.AUTO, 3: Dim.AUTO})
+    return {"x": axes}
+
+
+def output_axes(model: CrossStitchBackbone, output: str) -> dict[int, str]:
+    """The free axes of one output: batch, and the map's height and width where they vary.
+
+    Head outputs are ``[N, C, H, W]``; features keep their family's layout.
+    """
+    if model.input_size is not None:
+        return {0: "batch"}
+    if model.layout == "nhwc" and output not in model.heads:
+        return {0: "batch", 1: "height", 2: "width"}
+    return {0: "batch", 2: "height", 3: "width"}
 
 
 def artifact_config(model: CrossStitchBackbone, example: Tensor, options: ExportOptions) -> str:

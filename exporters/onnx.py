@@ -16,7 +16,15 @@ from torch import Tensor
 from crossstitch.backbone import CrossStitchBackbone
 from crossstitch.errors import CrossStitchError
 
-from .common import INPUT_NAME, Artifact, ExportOptions, artifact_config, dynamic_shapes, quiet
+from .common import (
+    INPUT_NAME,
+    Artifact,
+    ExportOptions,
+    artifact_config,
+    dynamic_shapes,
+    output_axes,
+    quiet,
+)
 
 NAME = "onnx"
 SUFFIX = ".onnx"
@@ -92,6 +100,12 @@ def optimize_keeping_units(program: torch.onnx.ONNXProgram) -> None:
             program.model.graph.inputs.remove(value)
 
 
+def _dynamic_axes(model: CrossStitchBackbone) -> dict[str, dict[int, str]]:
+    """Free axes for the TorchScript-based exporter, input and outputs by name."""
+    image = {0: "batch"} if model.input_size else {0: "batch", 2: "height", 3: "width"}
+    return {INPUT_NAME: image, **{task: output_axes(model, task) for task in model.tasks}}
+
+
 def export(
     model: CrossStitchBackbone, path: Path, example: Tensor, options: ExportOptions
 ) -> dict[str, Any]:
@@ -114,7 +128,7 @@ def export(
                 verbose=False,
                 optimize=False,
                 opset_version=opset,
-                dynamic_shapes=dynamic_shapes(options.dynamic),
+                dynamic_shapes=dynamic_shapes(model, options.dynamic),
                 **names,
             )
             optimize_keeping_units(program)
@@ -125,16 +139,13 @@ def export(
             details["exporter"] = f"torchscript-based (dynamo exporter failed: {exc})".splitlines()[
                 0
             ]
-            axes = {0: "batch", 2: "height", 3: "width"}
             torch.onnx.export(
                 model,
                 (example,),
                 str(path),
                 dynamo=False,
                 opset_version=min(opset, 20),
-                dynamic_axes={n: axes for n in [INPUT_NAME, *model.tasks]}
-                if options.dynamic
-                else None,
+                dynamic_axes=_dynamic_axes(model) if options.dynamic else None,
                 **names,
             )
             proto = onnx.load(str(path))

@@ -64,11 +64,15 @@ class ExportResult:
         return self.comparison is None or self.comparison.passed
 
 
-def verification_inputs(export_input: list[int], dynamic: bool, seed: int) -> Inputs:
+def verification_inputs(
+    export_input: list[int], dynamic: bool, seed: int, fixed_size: int | None = None
+) -> Inputs:
     """Inputs for checking an artifact: another batch and size than the export's where free."""
     batch, _, height, width = export_input
     if not dynamic:
         return Inputs(batch, height, width, seed)
+    if fixed_size is not None:
+        return Inputs(batch + 1, height, width, seed)
     return Inputs(batch + 1, height + 32, width + 64, seed)
 
 
@@ -146,6 +150,7 @@ def export_verified(
     """Export ``model`` to ``destination`` in ``fmt``, verified before it is put in place."""
     module = FORMATS[fmt]
     destination = check_output_path(destination)
+    model.check_input_size(example_size)
     model.eval()
     example = Inputs(EXPORT_BATCH, *example_size, seed=seed + 1).tensor()
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
@@ -161,7 +166,9 @@ def export_verified(
         size = sum(p.stat().st_size for p in [staged, *_companions(staged)] if p.exists())
         result = ExportResult(fmt, destination, False, seconds, size, details)
         if verify:
-            result.inputs = verification_inputs(list(example.shape), options.dynamic, seed)
+            result.inputs = verification_inputs(
+                list(example.shape), options.dynamic, seed, model.input_size
+            )
             result.comparison = compare_artifact(
                 module.load(staged),
                 staged,

@@ -32,7 +32,7 @@ def export(
     """``torch.export.export`` then ``torch.export.save`` with the config as an extra file."""
     with quiet() as log:
         program = torch.export.export(
-            model, (example,), dynamic_shapes=dynamic_shapes(options.dynamic)
+            model, (example,), dynamic_shapes=dynamic_shapes(model, options.dynamic)
         )
         config = artifact_config(model, example, options)
         torch.export.save(program, path, extra_files={CONFIG_FILE: config})

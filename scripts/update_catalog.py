@@ -1,7 +1,8 @@
 """Regenerate crossstitch/catalog.json from the installed torchvision.
 
 Every architecture whose model class has a stage adapter is listed with its stages (probed on
-the meta device, so nothing is allocated) and the names of its pretrained weights.
+the meta device, so nothing is allocated), the names of its pretrained weights, its fixed input
+size if it has one, and the smallest input torchvision states for it.
 Run: python scripts/update_catalog.py
 """
 
@@ -16,7 +17,7 @@ import torch
 import torchvision
 
 from crossstitch.backbone import PROBE_SIZE, TaskBackbone, probe_shapes
-from crossstitch.families import FAMILIES
+from crossstitch.families import FAMILIES, nominal_reduction, resolution
 
 CATALOG = Path(__file__).resolve().parents[1] / "crossstitch" / "catalog.json"
 
@@ -31,15 +32,24 @@ def describe(arch: str) -> dict | None:
     family = next((f for f in FAMILIES.values() if isinstance(model, f.model_type)), None)
     if family is None:
         return None
-    shapes = probe_shapes(TaskBackbone(family.split(model)), (PROBE_SIZE, PROBE_SIZE))
-    spatial = 2 if family.channel_dim == 1 else 1
+    fixed = family.fixed_size(model)
+    size = fixed or PROBE_SIZE
+    shapes = probe_shapes(TaskBackbone(family.split(model)), (size, size))
+    weights = torchvision.models.get_model_weights(arch)
     return {
         "family": family.name,
         "stages": [
-            [name, shape[family.channel_dim], PROBE_SIZE // shape[spatial]]
+            [
+                name,
+                shape[family.channel_dim],
+                nominal_reduction(size, resolution(shape, family.layout), family.layout),
+            ]
             for name, shape in shapes.items()
         ],
-        "weights": list(torchvision.models.get_model_weights(arch).__members__),
+        "weights": list(weights.__members__),
+        "input_size": fixed,
+        "min_size": fixed or weights.DEFAULT.meta["min_size"][0],
+        "layout": family.layout,
     }
 
 
