@@ -435,7 +435,12 @@ def verify(
 
     from crossstitch.checkpoint import load
     from crossstitch.exporters.formats import CHECKPOINT, FORMATS, detect
-    from crossstitch.exporters.pipeline import Inputs, compare_artifact, verification_inputs
+    from crossstitch.exporters.pipeline import (
+        Inputs,
+        check_artifact_size,
+        compare_artifact,
+        verification_inputs,
+    )
     from crossstitch.memory import check_fits
     from crossstitch.reference import check_parity
     from crossstitch.summary import activation_bytes
@@ -483,11 +488,9 @@ def verify(
         with render.working(f"Loading {path} and {checkpoint}", quiet=json_output):
             artifact = module.load(path)
             model = load(checkpoint)
-        inputs = verification_inputs(
-            artifact.config["export_input"], artifact.config["dynamic"], seed, model.input_size
-        )
+        inputs = verification_inputs(artifact.config, seed)
         if size:
-            model.check_input_size(size)
+            check_artifact_size(artifact.config, path, size)
         if batch or size:
             height, width = size or (inputs.height, inputs.width)
             inputs = Inputs(batch or inputs.batch, height, width, seed)

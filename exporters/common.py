@@ -52,17 +52,29 @@ def torch_artifact(module: Callable, config: str, path: Path, kind: str) -> Arti
     return Artifact(json.loads(config), run)
 
 
+# Families whose artifacts keep the export's height and width, and why.
+FIXED_SPATIAL = {
+    "swin": "torch.export does not finish tracing Swin's window padding with free height and "
+    "width (stopped after 15 minutes for swin_t)",
+}
+
+
+def spatial_free(model: CrossStitchBackbone) -> bool:
+    """Whether artifacts of ``model`` take any height and width (else only the export's)."""
+    return model.input_size is None and model.config["family"] not in FIXED_SPATIAL
+
+
 def dynamic_shapes(model: CrossStitchBackbone, dynamic: bool) -> dict | None:
     """torch.export dynamic shapes for the image input: batch, height and width free.
 
     Height and width use ``Dim.AUTO``: torch.export derives the smallest size at which every
-    stage still has features larger than 1x1, which is architecture-specific. A fixed-size model
-    (ViT, MaxViT) keeps its height and width.
+    stage still has features larger than 1x1, which is architecture-specific. Fixed-size models
+    (ViT, MaxViT) and the families in ``FIXED_SPATIAL`` keep the export's height and width.
     """
     if not dynamic:
         return None
     axes = {0: Dim("batch", min=1)}
-    if model.input_size is None:
+    if spatial_free(model):
         axes.update({2: Dim.AUTO, 3: Dim.AUTO})
     return {"x": axes}
 
@@ -72,7 +84,7 @@ def output_axes(model: CrossStitchBackbone, output: str) -> dict[int, str]:
 
     Head outputs are ``[N, C, H, W]``; features keep their family's layout.
     """
-    if model.input_size is not None:
+    if not spatial_free(model):
         return {0: "batch"}
     if model.layout == "nhwc" and output not in model.heads:
         return {0: "batch", 1: "height", 2: "width"}
@@ -87,6 +99,7 @@ def artifact_config(model: CrossStitchBackbone, example: Tensor, options: Export
             "crossstitch": crossstitch.__version__,
             "export_input": list(example.shape),
             "dynamic": options.dynamic,
+            "spatial_free": options.dynamic and spatial_free(model),
         },
         sort_keys=True,
     )

@@ -24,6 +24,7 @@ from .common import (
     dynamic_shapes,
     output_axes,
     quiet,
+    spatial_free,
 )
 
 NAME = "onnx"
@@ -102,7 +103,7 @@ def optimize_keeping_units(program: torch.onnx.ONNXProgram) -> None:
 
 def _dynamic_axes(model: CrossStitchBackbone) -> dict[str, dict[int, str]]:
     """Free axes for the TorchScript-based exporter, input and outputs by name."""
-    image = {0: "batch"} if model.input_size else {0: "batch", 2: "height", 3: "width"}
+    image = {0: "batch", 2: "height", 3: "width"} if spatial_free(model) else {0: "batch"}
     return {INPUT_NAME: image, **{task: output_axes(model, task) for task in model.tasks}}
 
 

@@ -24,7 +24,7 @@ from crossstitch.files import check_output_path
 from crossstitch.memory import check_fits
 from crossstitch.summary import activation_bytes
 
-from .common import Artifact, ExportOptions
+from .common import FIXED_SPATIAL, Artifact, ExportOptions, spatial_free
 from .compare import Comparison, compare_outputs
 from .errors import ExportFailed
 from .formats import FORMATS
@@ -64,16 +64,29 @@ class ExportResult:
         return self.comparison is None or self.comparison.passed
 
 
-def verification_inputs(
-    export_input: list[int], dynamic: bool, seed: int, fixed_size: int | None = None
-) -> Inputs:
+def verification_inputs(config: dict, seed: int) -> Inputs:
     """Inputs for checking an artifact: another batch and size than the export's where free."""
-    batch, _, height, width = export_input
-    if not dynamic:
+    batch, _, height, width = config["export_input"]
+    if not config["dynamic"]:
         return Inputs(batch, height, width, seed)
-    if fixed_size is not None:
+    if not config.get("spatial_free", True):
         return Inputs(batch + 1, height, width, seed)
     return Inputs(batch + 1, height + 32, width + 64, seed)
+
+
+def check_artifact_size(config: dict, path: Path, size: tuple[int, int]) -> None:
+    """Refuse to run an artifact at a height and width it was not exported to take."""
+    _, _, height, width = config["export_input"]
+    if tuple(size) == (height, width) or (config["dynamic"] and config.get("spatial_free", True)):
+        return
+    if not config["dynamic"]:
+        why = "it was exported with --static"
+    else:
+        why = FIXED_SPATIAL.get(config.get("family"), f"{config.get('arch')} takes one input size")
+    raise CrossStitchError(
+        f"{path} takes {height}x{width} inputs only ({why}); "
+        f"--input-size {size[0]}x{size[1]} cannot be used"
+    )
 
 
 def check_compatible(config: dict, model: CrossStitchBackbone, path: Path) -> None:
@@ -166,9 +179,12 @@ def export_verified(
         size = sum(p.stat().st_size for p in [staged, *_companions(staged)] if p.exists())
         result = ExportResult(fmt, destination, False, seconds, size, details)
         if verify:
-            result.inputs = verification_inputs(
-                list(example.shape), options.dynamic, seed, model.input_size
-            )
+            shape = {
+                "export_input": list(example.shape),
+                "dynamic": options.dynamic,
+                "spatial_free": options.dynamic and spatial_free(model),
+            }
+            result.inputs = verification_inputs(shape, seed)
             result.comparison = compare_artifact(
                 module.load(staged),
                 staged,

@@ -1,6 +1,7 @@
 """Every torchvision family: stages as the catalogue states them, bit-exact parity, the layouts."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -131,3 +132,29 @@ def test_vit_weights_for_larger_images_set_the_input_size():
     assert network_kwargs("vit_b_16", "IMAGENET1K_V1") == {"image_size": 224}
     assert network_kwargs("resnet50", "IMAGENET1K_V2") == {}
     assert network_kwargs("inception_v3", None) == {}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["build", "vit_b_32", "--tasks", "a", "b", "--input-size", "256"], "224x224 images only"),
+        (["build", "maxvit_t", "--tasks", "a", "b", "--input-size", "224", "192"], "224x192"),
+        (["bench", "vit_b_32", "--tasks", "a", "b", "--input-size", "128"], "224x224 images only"),
+        (["build", "swin_t", "--tasks", "a", "b", "--head", "a=3"], "channel-last"),
+        (["build", "vit_b_32", "--tasks", "a", "b", "--head", "b=1"], "tokens"),
+    ],
+)
+def test_sizes_and_heads_a_family_cannot_take_are_refused(cli, tmp_path, args, expected):
+    code, out, err = cli(*args)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_list_says_which_models_take_one_input_size(cli):
+    code, out, _ = cli("list", "--json")
+    assert code == 0
+    specs = {spec["name"]: spec for spec in json.loads(out)}
+    assert specs["vit_b_16"]["input_size"] == 224 and specs["maxvit_t"]["input_size"] == 224
+    assert specs["resnet18"]["input_size"] is None and specs["swin_t"]["layout"] == "nhwc"
