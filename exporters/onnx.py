@@ -69,6 +69,8 @@ def metadata(
         "crossstitch.beta": repr(config["beta"]),
         "crossstitch.granularity": config["granularity"],
         "crossstitch.heads": ",".join(f"{t}={c}" for t, c in config.get("heads", {}).items()),
+        "crossstitch.outputs": ",".join(model.output_names),
+        "crossstitch.output_stride": str(config.get("output_stride", 32)),
         "crossstitch.opset": str(opset),
     }
 
@@ -102,7 +104,7 @@ def export(
     """
     opset = options.opset or newest_opset()
     external = _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    names = {"input_names": [INPUT_NAME], "output_names": list(model.tasks)}
+    names = {"input_names": [INPUT_NAME], "output_names": model.output_names}
     props = metadata(model, example, options, opset)
     details: dict[str, Any] = {"opset": opset, "external_data": external}
     with quiet() as log:
@@ -132,7 +134,7 @@ def export(
                 str(path),
                 dynamo=False,
                 opset_version=min(opset, 20),
-                dynamic_axes={n: axes for n in [INPUT_NAME, *model.tasks]}
+                dynamic_axes={n: axes for n in [INPUT_NAME, *model.output_names]}
                 if options.dynamic
                 else None,
                 **names,
