@@ -236,6 +236,20 @@ def build(
         list[str] | None,
         typer.Option(help="Stages to stitch after: all, or names such as layer1,layer3."),
     ] = None,
+    output_stride: Annotated[
+        int,
+        typer.Option(
+            help="Total stride of the last stage: 32, or 16 or 8 by dilating the last stages "
+            "(ResNet family only)."
+        ),
+    ] = 32,
+    features: Annotated[
+        str,
+        typer.Option(
+            help="Outputs: last (each task's last stage or head) or all (every stitched stage, "
+            "named TASK.STAGE, plus each head)."
+        ),
+    ] = "last",
     input_size: Annotated[
         list[int] | None,
         typer.Option(
@@ -277,6 +291,8 @@ def build(
         task_weights=_task_pairs("--task-weights", "PATH", task_weights or []),
         weights_file=str(weights_file) if weights_file else None,
         heads=_heads(head or []),
+        output_stride=output_stride,
+        features=features,
     )
     torch.manual_seed(seed)
     with render.working(f"Building {spec.name}", quiet=json_output):

@@ -88,7 +88,7 @@ def build_summary(summary: Any, output: str, seed: int) -> None:
         )
     stdout.print(table)
     has_heads = any(row.head for row in summary.outputs)
-    if has_heads:
+    if has_heads or summary.features == "all":
         stdout.print(_outputs_table(summary.outputs))
     heads = f"{_millions(summary.head_params)} in heads, " if has_heads else ""
     stdout.print(
@@ -105,19 +105,23 @@ def build_summary(summary: Any, output: str, seed: int) -> None:
         f"[bold]init[/]        alpha={summary.alpha:g}, beta={summary.beta:g}, "
         f"granularity={summary.granularity}, seed={seed}"
     )
+    stdout.print(
+        f"[bold]outputs[/]     {', '.join(row.name for row in summary.outputs)} "
+        f"(features={summary.features}, output stride {summary.output_stride})"
+    )
     stdout.print(f"[bold]wrote[/]       [green]{output}[/]")
 
 
 def _outputs_table(outputs: list) -> Table:
-    """Per task: its head, the head's parameters and the shape of one image's output."""
+    """Per output: its head, the head's parameters and the shape of one image's output."""
     table = Table(title="Outputs per image", title_justify="left")
-    table.add_column("task")
+    table.add_column("output")
     table.add_column("head")
     table.add_column("head params", justify="right")
-    table.add_column("output", justify="right")
+    table.add_column("shape", justify="right")
     for row in outputs:
         table.add_row(
-            row.task,
+            row.name,
             row.head or "none (features)",
             _millions(row.head_params) if row.head else "-",
             "×".join(map(str, row.shape)),
@@ -344,6 +348,10 @@ def inspection(path: str, kind: str, report: Any) -> None:
         f"granularity={config['granularity']}"
     )
     stdout.print(f"[bold]heads[/]        {_heads(config.get('heads', {}))}")
+    stdout.print(
+        f"[bold]outputs[/]      features={config.get('features', 'last')}, "
+        f"output stride {config.get('output_stride', 32)}"
+    )
     table = Table(title="Stages", title_justify="left")
     for column in ("stage", "channels", "reduction", "unit", "sharing per task"):
         table.add_column(column, justify="left" if column == "stage" else "right")

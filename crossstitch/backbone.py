@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from crossstitch.dilation import apply_output_stride, check_output_stride
 from crossstitch.errors import CrossStitchError
 from crossstitch.families import Split, family_of, nominal_reduction, resolution
 from crossstitch.heads import build_heads, check_heads, head_output
@@ -20,6 +21,7 @@ from crossstitch.weights import apply_state, build_classifier, load_state_file, 
 
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 PROBE_SIZE = 224
+FEATURES = ("last", "all")
 
 
 def check_tasks(tasks: Sequence[str]) -> list[str]:
@@ -50,6 +52,17 @@ def check_granularity(granularity: str) -> None:
         raise CrossStitchError(
             f"unknown granularity '{granularity}'; use one of: {', '.join(GRANULARITIES)}"
         )
+
+
+def check_features(features: str) -> None:
+    """Refuse anything but the two kinds of output: the last stage's features, or all stitched."""
+    if features not in FEATURES:
+        raise CrossStitchError(f"unknown features '{features}'; use one of: {', '.join(FEATURES)}")
+
+
+def stage_output(task: str, stage: str) -> str:
+    """The output name of a task's features after one stitched stage, e.g. ``seg.layer1``."""
+    return f"{task}.{stage}"
 
 
 def select_stages(available: Sequence[str], stages: Sequence[str] | str | None) -> list[str]:
@@ -116,6 +129,9 @@ class CrossStitchBackbone(nn.Module):
 
     ``heads`` maps a task to its head: a number of output channels builds a ``DenseHead``, an
     ``nn.Module`` is used as given (it maps ``[N, C, h, w]`` features to ``[N, C', h, w]``).
+
+    ``features="all"`` returns instead every stitched stage's features of every task under
+    ``"<task>.<stage>"``, plus each head's output under ``"<task>"``; see ``output_names``.
     """
 
     def __init__(
@@ -126,10 +142,12 @@ class CrossStitchBackbone(nn.Module):
         granularity: str = "channel",
         stages: Sequence[str] | str | None = None,
         heads: Mapping[str, int | nn.Module] | None = None,
+        features: str = "last",
     ) -> None:
         super().__init__()
         self.tasks = check_tasks(list(models))
         check_granularity(granularity)
+        check_features(features)
         check_init(alpha, beta)
         heads = check_heads(heads, self.tasks)
         families = {family_of(m) for m in models.values()}
@@ -158,6 +176,7 @@ class CrossStitchBackbone(nn.Module):
             }
         )
         self.heads = build_heads(heads, self.stages[-1].channels)
+        self.features = features
         self.config: dict = {
             "arch": None,
             "family": family.name,
@@ -168,7 +187,19 @@ class CrossStitchBackbone(nn.Module):
             "stages": stitched,
             "heads": {task: head for task, head in heads.items() if isinstance(head, int)},
             "input_size": self.input_size,
+            "features": features,
         }
+
+    @property
+    def output_names(self) -> list[str]:
+        """The keys of ``forward``'s dict in order: per task, its stitched stages then its head."""
+        names = []
+        for task in self.tasks:
+            if self.features == "all":
+                names += [stage_output(task, stage) for stage in self.cross_stitch]
+            if task in self.heads or self.features == "last":
+                names.append(task)
+        return names
 
     def check_input_size(self, size: Sequence[int], option: str = "--input-size") -> None:
         """Refuse an input size that a fixed-size model (ViT, MaxViT) cannot take."""
@@ -224,6 +255,8 @@ class CrossStitchBackbone(nn.Module):
         task_weights: Mapping[str, str] | None = None,
         weights_file: str | None = None,
         heads: Mapping[str, int | nn.Module] | None = None,
+        output_stride: int = 32,
+        features: str = "last",
         load_weights: bool = True,
     ) -> CrossStitchBackbone:
         """Build from a torchvision architecture name, one copy of the network per task.
@@ -231,13 +264,17 @@ class CrossStitchBackbone(nn.Module):
         ``weights`` names torchvision weights (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...) for all
         tasks, ``weights_file`` a classifier state_dict file for all tasks, and
         ``task_weights`` per-task state_dict files (single-task checkpoints) applied on top.
-        ``heads`` attaches a head to some tasks (see the class). ``load_weights=False`` builds
-        the network that ``weights`` imply without loading them, as ``crossstitch.load`` does
-        before loading its own. All options are checked before anything is built.
+        ``heads`` attaches a head to some tasks and ``features`` chooses the outputs (see the
+        class). ``output_stride`` 16 or 8 dilates the last stages instead of striding (ResNet
+        family only). ``load_weights=False`` builds the network that ``weights`` imply without
+        loading them, as ``crossstitch.load`` does before loading its own. All options are
+        checked before anything is built.
         """
         spec = arch_spec(arch)
         tasks = check_tasks(tasks)
         check_granularity(granularity)
+        check_features(features)
+        check_output_stride(arch, spec.family, output_stride)
         check_init(alpha, beta)
         if check_heads(heads, tasks):
             check_head_layout(arch, spec.layout)
@@ -258,15 +295,23 @@ class CrossStitchBackbone(nn.Module):
         head = family_of(base).head
         if shared_state is not None:
             apply_state(base, shared_state, head, f"weights file {weights_file}")
+        apply_output_stride(base, spec.family, output_stride)
         models = {task: copy.deepcopy(base) for task in tasks[:-1]}
         models[tasks[-1]] = base
         for task, state in states.items():
             apply_state(models[task], state, head, f"task weights {task_weights[task]}")
         model = cls(
-            models, alpha=alpha, beta=beta, granularity=granularity, stages=stages, heads=heads
+            models,
+            alpha=alpha,
+            beta=beta,
+            granularity=granularity,
+            stages=stages,
+            heads=heads,
+            features=features,
         )
         model.config.update(
             arch=arch,
+            output_stride=output_stride,
             weights=weights,
             weights_file=str(weights_file) if weights_file else None,
             task_weights={t: str(p) for t, p in task_weights.items()},
@@ -275,12 +320,20 @@ class CrossStitchBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         feats = {task: backbone.stem(x) for task, backbone in self.backbones.items()}
+        stitched = {}
         for name in self.backbones[self.tasks[0]].stages:
             feats = {task: net.stages[name](feats[task]) for task, net in self.backbones.items()}
             if name in self.cross_stitch:
                 feats = self.cross_stitch[name](feats)
+                if self.features == "all":
+                    stitched[name] = feats
         size = x.shape[-2:]
-        return {
-            task: head_output(self.heads[task], f, size) if task in self.heads else f
-            for task, f in feats.items()
-        }
+        out = {}
+        for task in self.tasks:
+            if self.features == "all":
+                out.update({stage_output(task, s): f[task] for s, f in stitched.items()})
+            if task in self.heads:
+                out[task] = head_output(self.heads[task], feats[task], size)
+            elif self.features == "last":
+                out[task] = feats[task]
+        return out

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.backbone import FEATURES, CrossStitchBackbone
+from crossstitch.dilation import OUTPUT_STRIDES
 from crossstitch.errors import CrossStitchError
 from crossstitch.files import atomic_path
 
@@ -103,6 +104,8 @@ def load(path: str | os.PathLike[str]) -> CrossStitchBackbone:
         granularity=config["granularity"],
         stages=config["stages"],
         heads=config.get("heads"),
+        output_stride=config.get("output_stride", 32),
+        features=config.get("features", "last"),
     )
     model.config.update({k: v for k, v in config.items() if k != "versions"})
     try:
@@ -155,3 +158,12 @@ def check_config(path: str | os.PathLike[str], config: object) -> None:
         raise CrossStitchError(
             f"{path}: config field 'heads' must map task names to positive channel counts"
         )
+    for key, allowed, default in (
+        ("output_stride", OUTPUT_STRIDES, 32),
+        ("features", FEATURES, "last"),
+    ):
+        value = config.get(key, default)
+        if type(value) is not type(default) or value not in allowed:
+            raise CrossStitchError(
+                f"{path}: config field '{key}' must be one of {', '.join(map(str, allowed))}"
+            )

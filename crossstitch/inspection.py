@@ -16,6 +16,7 @@ from torch import Tensor
 
 from crossstitch.backbone import check_granularity
 from crossstitch.checkpoint import check_config, read
+from crossstitch.dilation import dilated_reduction
 from crossstitch.errors import CrossStitchError
 from crossstitch.stages import arch_spec
 
@@ -99,10 +100,12 @@ def describe(
             f"{source}: stitched stage {', '.join(unknown)} is not a stage of {spec.name} "
             f"({', '.join(known)})"
         )
+    output_stride = config.get("output_stride", 32)
     table, units = [], {}
     for stage in spec.stages:
+        reduction = dilated_reduction(stage.reduction, output_stride)
         if stage.name not in stitched:
-            table.append(StageEntry(stage.name, stage.channels, stage.reduction, False, None))
+            table.append(StageEntry(stage.name, stage.channels, reduction, False, None))
             continue
         if stage.name not in weights:
             raise CrossStitchError(
@@ -118,7 +121,7 @@ def describe(
                 f"{source}: the unit after {stage.name} has shape {list(weight.shape)} "
                 f"({weight.dtype}); its config implies floating point {list(expected)}"
             )
-        table.append(StageEntry(stage.name, stage.channels, stage.reduction, True, expected))
+        table.append(StageEntry(stage.name, stage.channels, reduction, True, expected))
         units[stage.name] = unit_mixing(weight)
     return Inspection(config=dict(config), tasks=tasks, stage_table=table, stages=units)
 

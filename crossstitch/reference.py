@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.backbone import CrossStitchBackbone, stage_output
 from crossstitch.heads import head_output
 
 
@@ -35,24 +35,33 @@ def reference_stitch(weight: Tensor, xs: list[Tensor], channel_dim: int) -> list
 def reference_forward(model: CrossStitchBackbone, x: Tensor) -> dict[str, Tensor]:
     """Run ``model``'s backbones stage by stage, stitching with ``reference_stitch``.
 
-    Tasks with a head get that head's output at the input size, as the model gives it.
+    Tasks with a head get that head's output at the input size, as the model gives it; with
+    ``features == "all"`` every stitched stage's features come first, as ``"<task>.<stage>"``.
     """
     tasks = model.tasks
     feats = [model.backbones[t].stem(x) for t in tasks]
+    stitched = []
     for name in model.backbones[tasks[0]].stages:
         feats = [model.backbones[t].stages[name](f) for t, f in zip(tasks, feats, strict=True)]
         if name in model.cross_stitch:
             feats = reference_stitch(model.cross_stitch[name].weight, feats, model.channel_dim)
+            stitched.append((name, feats))
     size = x.shape[-2:]
-    return {
-        t: head_output(model.heads[t], f, size) if t in model.heads else f
-        for t, f in zip(tasks, feats, strict=True)
-    }
+    outputs = {}
+    for i, t in enumerate(tasks):
+        if model.features == "all":
+            for name, stage_feats in stitched:
+                outputs[stage_output(t, name)] = stage_feats[i]
+        if t in model.heads:
+            outputs[t] = head_output(model.heads[t], feats[i], size)
+        elif model.features == "last":
+            outputs[t] = feats[i]
+    return outputs
 
 
 @dataclass(frozen=True)
 class ParityResult:
-    """Comparison of one output of the model with the reference."""
+    """Comparison of one output of the model with the reference; ``task`` is the output's name."""
 
     task: str
     shape: tuple[int, ...]
@@ -76,7 +85,7 @@ def check_parity(model: CrossStitchBackbone, x: Tensor) -> list[ParityResult]:
     finally:
         model.train(was_training)
     results = []
-    for task in model.tasks:
+    for task in want:
         a, b = got[task], want[task]
         error = (a - b).abs().nan_to_num(nan=0.0)
         results.append(

@@ -30,8 +30,9 @@ class StageRow:
 
 @dataclass(frozen=True)
 class OutputRow:
-    """What the model returns for one task: its head, if any, and the shape of one output."""
+    """One output of the model: its name, its task, its head if any, and one image's shape."""
 
+    name: str
     task: str
     head: str | None
     head_params: int
@@ -58,6 +59,8 @@ class Summary:
     alpha: float
     beta: float
     granularity: str
+    output_stride: int
+    features: str
 
 
 def activation_bytes(
@@ -122,6 +125,24 @@ def _head_channels(head: nn.Module, features: torch.Size) -> int:
     return _meta_call(head, features).shape[1]
 
 
+def _output_row(
+    model: CrossStitchBackbone,
+    name: str,
+    shapes: dict[str, torch.Size],
+    input_size: tuple[int, int],
+) -> OutputRow:
+    """Describe the output ``name``: a stitched stage's features, a head's, or the last stage's."""
+    task, _, stage = name.partition(".")
+    if stage:
+        return OutputRow(name, task, None, 0, tuple(shapes[stage][1:]))
+    last = shapes[model.stages[-1].name]
+    if task in model.heads:
+        head = model.heads[task]
+        shape = (_head_channels(head, last), *input_size)
+        return OutputRow(name, task, _head_name(head), _count(head), shape)
+    return OutputRow(name, task, None, 0, tuple(last[1:]))
+
+
 def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summary:
     """Describe ``model`` for one image of ``input_size`` (height, width)."""
     backbone = model.backbones[model.tasks[0]]
@@ -146,18 +167,7 @@ def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summar
         )
         for info in model.stages
     ]
-    last = shapes[model.stages[-1].name]
-    outputs = [
-        OutputRow(
-            task=task,
-            head=_head_name(model.heads[task]),
-            head_params=_count(model.heads[task]),
-            shape=(_head_channels(model.heads[task], last), *input_size),
-        )
-        if task in model.heads
-        else OutputRow(task=task, head=None, head_params=0, shape=tuple(last[1:]))
-        for task in model.tasks
-    ]
+    outputs = [_output_row(model, name, shapes, input_size) for name in model.output_names]
     total = _count(model)
     return Summary(
         arch=model.config.get("arch"),
@@ -176,4 +186,6 @@ def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summar
         alpha=model.config["alpha"],
         beta=model.config["beta"],
         granularity=model.config["granularity"],
+        output_stride=model.stages[-1].reduction,
+        features=model.features,
     )

@@ -78,6 +78,8 @@ def metadata(
         "crossstitch.beta": repr(config["beta"]),
         "crossstitch.granularity": config["granularity"],
         "crossstitch.heads": ",".join(f"{t}={c}" for t, c in config.get("heads", {}).items()),
+        "crossstitch.outputs": ",".join(model.output_names),
+        "crossstitch.output_stride": str(config.get("output_stride", 32)),
         "crossstitch.opset": str(opset),
     }
 
@@ -104,7 +106,7 @@ def optimize_keeping_units(program: torch.onnx.ONNXProgram) -> None:
 def _dynamic_axes(model: CrossStitchBackbone) -> dict[str, dict[int, str]]:
     """Free axes for the TorchScript-based exporter, input and outputs by name."""
     image = {0: "batch", 2: "height", 3: "width"} if spatial_free(model) else {0: "batch"}
-    return {INPUT_NAME: image, **{task: output_axes(model, task) for task in model.tasks}}
+    return {INPUT_NAME: image, **{name: output_axes(model, name) for name in model.output_names}}
 
 
 def export(
@@ -117,7 +119,7 @@ def export(
     """
     opset = options.opset or newest_opset()
     external = _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    names = {"input_names": [INPUT_NAME], "output_names": list(model.tasks)}
+    names = {"input_names": [INPUT_NAME], "output_names": model.output_names}
     props = metadata(model, example, options, opset)
     details: dict[str, Any] = {"opset": opset, "external_data": external}
     with quiet() as log:

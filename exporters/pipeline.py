@@ -97,6 +97,8 @@ def check_compatible(config: dict, model: CrossStitchBackbone, path: Path) -> No
         ("stages", None),
         ("granularity", None),
         ("heads", {}),
+        ("output_stride", 32),
+        ("features", "last"),
     ):
         there, here = config.get(key, default), model.config.get(key, default)
         if there != here:

@@ -183,6 +183,22 @@ BAD_INPUT = {
         ["build", "resnet18", "--tasks", "a", "b", "--head", "a=2", "--head", "a=3"],
         "task 'a' twice",
     ),
+    "output stride 4": (
+        ["build", "resnet18", "--tasks", "a", "b", "--output-stride", "4"],
+        "unknown output stride 4; use one of: 8, 16, 32",
+    ),
+    "output stride 64": (
+        ["build", "resnet50", "--tasks", "a", "b", "--output-stride", "64"],
+        "unknown output stride 64; use one of: 8, 16, 32",
+    ),
+    "output stride on vgg": (
+        ["build", "vgg11", "--tasks", "a", "b", "--output-stride", "16"],
+        "output stride 16 needs dilated convolutions, which only the resnet family supports",
+    ),
+    "unknown features": (
+        ["build", "resnet18", "--tasks", "a", "b", "--features", "some"],
+        "unknown features 'some'; use one of: last, all",
+    ),
     "output folder missing": (
         ["build", "resnet18", "--tasks", "a", "b", "-o", "nowhere/m.pt"],
         "does not exist",
