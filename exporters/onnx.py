@@ -11,6 +11,8 @@ from typing import Any
 import onnx
 import onnxruntime
 import torch
+from onnxscript import ir
+from onnxscript.version_converter import convert_version
 from torch import Tensor
 
 from crossstitch.backbone import CrossStitchBackbone
@@ -109,6 +111,34 @@ def _dynamic_axes(model: CrossStitchBackbone) -> dict[str, dict[int, str]]:
     return {INPUT_NAME: image, **{name: output_axes(model, name) for name in model.output_names}}
 
 
+class OpsetUnreachable(Exception):
+    """The exporter cannot convert this model to the opset that was asked for."""
+
+
+def reach_opset(model: ir.Model, wanted: int, may_lower: bool) -> int:
+    """The opset the exported ``model`` is at, converted down from ``wanted`` where needed.
+
+    torch's exporter builds at its own opset and then converts; where a conversion is missing
+    (GELU beyond opset 25, for one) it leaves the model at the lower opset with newer operators,
+    which no runtime loads. With ``may_lower`` (no ``--opset`` given) the model is converted to
+    the newest opset below ``wanted`` that the converter reaches; otherwise that is an error.
+    """
+    reached = model.opset_imports.get("", wanted)
+    if reached == wanted:
+        return wanted
+    if may_lower:
+        for target in range(wanted - 1, reached, -1):
+            try:
+                convert_version(model, target)
+                return target
+            except Exception:
+                continue
+    raise OpsetUnreachable(
+        f"the ONNX exporter cannot convert this model to opset {wanted}"
+        + ("" if may_lower else "; choose a lower --opset")
+    )
+
+
 def export(
     model: CrossStitchBackbone, path: Path, example: Tensor, options: ExportOptions
 ) -> dict[str, Any]:
@@ -120,7 +150,6 @@ def export(
     opset = options.opset or newest_opset()
     external = _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
     names = {"input_names": [INPUT_NAME], "output_names": model.output_names}
-    props = metadata(model, example, options, opset)
     details: dict[str, Any] = {"opset": opset, "external_data": external}
     with quiet() as log:
         try:
@@ -134,10 +163,13 @@ def export(
                 dynamic_shapes=dynamic_shapes(model, options.dynamic),
                 **names,
             )
+            opset = details["opset"] = reach_opset(program.model, opset, options.opset is None)
             optimize_keeping_units(program)
-            program.model.metadata_props.update(props)
+            program.model.metadata_props.update(metadata(model, example, options, opset))
             program.save(path, external_data=external)
             details["exporter"] = "dynamo"
+        except OpsetUnreachable:
+            raise
         except Exception as exc:
             details["exporter"] = f"torchscript-based (dynamo exporter failed: {exc})".splitlines()[
                 0
@@ -152,7 +184,7 @@ def export(
                 **names,
             )
             proto = onnx.load(str(path))
-            onnx.helper.set_model_props(proto, props)
+            onnx.helper.set_model_props(proto, metadata(model, example, options, min(opset, 20)))
             onnx.save_model(proto, str(path), save_as_external_data=external)
     details["log"] = log.getvalue()
     onnx.checker.check_model(str(path), full_check=True)

@@ -65,6 +65,8 @@ def run_one(arch: str) -> dict:
                     "how": export.details.get("exporter") or export.details.get("method"),
                     "max_abs_error": max(o.max_abs_error for o in export.comparison.outputs),
                 }
+                if "opset" in export.details:
+                    outcome["opset"] = export.details["opset"]
             except Exception as exc:  # recorded in the table with its reason
                 outcome = {"passed": False, "error": str(exc).strip().splitlines()[0][:300]}
             outcome["seconds"] = round(time.perf_counter() - start, 1)

@@ -2,13 +2,18 @@
 
 import copy
 import json
+from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import torchvision
 
 import crossstitch
 from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.errors import CrossStitchError
+from crossstitch.exporters.common import ExportOptions
+from crossstitch.exporters.pipeline import check_artifact_size, export_verified
 from crossstitch.families import FAMILIES, InputTransform
 from crossstitch.reference import check_parity
 from crossstitch.stages import architectures
@@ -158,3 +163,35 @@ def test_list_says_which_models_take_one_input_size(cli):
     specs = {spec["name"]: spec for spec in json.loads(out)}
     assert specs["vit_b_16"]["input_size"] == 224 and specs["maxvit_t"]["input_size"] == 224
     assert specs["resnet18"]["input_size"] is None and specs["swin_t"]["layout"] == "nhwc"
+
+
+def test_vit_artifacts_take_any_batch_at_its_one_size(tmp_path):
+    model = build("vit_b_32").eval()
+    randomize_units(model)
+    with pytest.raises(CrossStitchError, match="224x224 images only"):
+        export_verified(model, "onnx", tmp_path / "m.onnx", (256, 256), ExportOptions())
+    for fmt in ("onnx", "pt2"):
+        result = export_verified(model, fmt, tmp_path / f"m.{fmt}", (224, 224), ExportOptions())
+        assert result.passed, result.comparison
+        assert (result.inputs.batch, result.inputs.height, result.inputs.width) == (3, 224, 224)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    (opset,) = [o.version for o in proto.opset_import if o.domain == ""]
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["crossstitch.opset"] == str(opset) and opset >= 18
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [50, 768]
+
+
+@pytest.mark.parametrize(
+    ("config", "size", "expected"),
+    [
+        ({"dynamic": True, "family": "swin", "arch": "swin_t"}, (256, 256), "window padding"),
+        ({"dynamic": True, "family": "vit", "arch": "vit_b_16"}, (64, 64), "vit_b_16 takes one"),
+        ({"dynamic": False, "family": "resnet", "arch": "resnet18"}, (64, 96), "--static"),
+    ],
+)
+def test_artifacts_with_a_fixed_size_refuse_other_sizes(config, size, expected):
+    config = {**config, "export_input": [2, 3, 224, 224], "spatial_free": False}
+    with pytest.raises(CrossStitchError, match=expected):
+        check_artifact_size(config, Path("m.onnx"), size)
+    check_artifact_size(config, Path("m.onnx"), (224, 224))
