@@ -65,8 +65,9 @@ def run_one(arch: str) -> dict:
                     "how": export.details.get("exporter") or export.details.get("method"),
                     "max_abs_error": max(o.max_abs_error for o in export.comparison.outputs),
                 }
-                if "opset" in export.details:
-                    outcome["opset"] = export.details["opset"]
+                for key in ("opset", "external_data"):
+                    if key in export.details:
+                        outcome[key] = export.details[key]
             except Exception as exc:  # recorded in the table with its reason
                 outcome = {"passed": False, "error": str(exc).strip().splitlines()[0][:300]}
             outcome["seconds"] = round(time.perf_counter() - start, 1)
@@ -125,6 +126,16 @@ def table(results: dict[str, dict]) -> str:
             + " | ".join(_cell(ran, fmt) if ran else "not run" for fmt in FORMATS)
             + " |"
         )
+    peaks = sorted(
+        (r for r in results.values() if "peak_rss_gb" in r), key=lambda r: -r["peak_rss_gb"]
+    )[:3]
+    if peaks:
+        largest = ", ".join(f"{r['arch']} {r['peak_rss_gb']:.1f} GB" for r in peaks)
+        lines += [
+            "",
+            f"Highest peak memory (resident set of the whole run: build with two tasks, export "
+            f"to the three formats, verification): {largest}.",
+        ]
     return "\n".join(lines)
 
 
