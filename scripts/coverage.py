@@ -6,7 +6,8 @@ another batch and size), so its peak memory is measured on its own. Results are 
 docs/coverage.json; the README table between the coverage markers is regenerated from that
 file alone, so it only ever shows runs that happened.
 
-Run: python scripts/coverage.py [ARCH ...]      (no ARCH: all 80; --table only rewrites the table)
+Run: python scripts/coverage.py [ARCH ...]   (no ARCH: all 80; --missing: those not yet recorded;
+     --table: only rewrite the table from docs/coverage.json)
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def main() -> None:
     parser.add_argument("archs", nargs="*", help="architectures to run [default: all]")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="only rewrite the README table")
+    parser.add_argument(
+        "--missing", action="store_true", help="run only the architectures not yet recorded"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.one:
@@ -161,7 +165,10 @@ def main() -> None:
     if not args.table:
         from crossstitch.stages import architectures
 
-        for arch in args.archs or list(architectures()):
+        archs = args.archs or list(architectures())
+        if args.missing:
+            archs = [arch for arch in archs if arch not in results]
+        for arch in archs:
             result = run_child(arch)
             results[arch] = result
             print(json.dumps(result), flush=True)
