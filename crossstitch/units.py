@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from crossstitch import fused
 from crossstitch.errors import CrossStitchError
 
 GRANULARITIES = ("channel", "layer")
@@ -31,7 +32,8 @@ class CrossStitchUnit(nn.Module):
     channel) or ``[T, T]`` (``"layer"``). ``channel_dim`` is where the channels lie in the
     features: 1 for NCHW maps, -1 for channel-last tokens. The sum is accumulated left to right
     with separate multiplies and adds (no fused multiply-add), so the result equals the
-    stack-and-sum reference bit for bit on CPU.
+    stack-and-sum reference bit for bit on CPU. Inference on contiguous float32 CPU features runs
+    the fused C kernel (``crossstitch.fused``) where it is built: the same roundings, one pass.
     """
 
     def __init__(
@@ -96,13 +98,24 @@ class CrossStitchUnit(nn.Module):
 
     def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         xs = [features[task] for task in self.tasks]
+        if not torch.jit.is_scripting() and fused.usable(self.weight, xs, self.channel_dim):
+            return dict(
+                zip(self.tasks, fused.stitch(self.weight, xs, self.channel_dim), strict=True)
+            )
+        return dict(zip(self.tasks, self.mix(xs), strict=True))
+
+    def mix(self, xs: list[Tensor]) -> list[Tensor]:
+        """The unit in elementwise torch ops, one output per task in task order.
+
+        The path for autograd, tracing and export, and wherever the fused kernel does not apply.
+        """
         weight = self.weight.view(self.weight.shape[:2] + self.broadcast_shape(xs[0].dim()))
-        out = {}
-        for i, task in enumerate(self.tasks):
+        out = []
+        for i in range(len(xs)):
             acc = xs[0] * weight[i, 0]
             for j in range(1, len(xs)):
                 acc = acc.add_(xs[j] * weight[i, j])
-            out[task] = acc
+            out.append(acc)
         return out
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
+from crossstitch import fused
 from crossstitch.backbone import CrossStitchBackbone, probe_shapes
 from crossstitch.errors import CrossStitchError
 from crossstitch.heads import head_output
@@ -58,7 +59,11 @@ class Timing:
 
 @dataclass
 class BenchResult:
-    """A benchmark run: its setting and one timing per variant and mode."""
+    """A benchmark run: its setting, one timing per variant and mode, what ran the units.
+
+    ``unit_kernel`` names what ran the eager model's units for inference; training steps always
+    run torch ops, which autograd records.
+    """
 
     arch: str | None
     tasks: list[str]
@@ -67,6 +72,7 @@ class BenchResult:
     runs: int
     threads: int
     timings: list[Timing]
+    unit_kernel: str
 
 
 def bare_forward(model: CrossStitchBackbone, x: Tensor) -> dict[str, Tensor]:
@@ -161,6 +167,7 @@ def run_bench(
     )
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    fused_calls = fused.calls
     try:
         timings = _time_variants(
             model, batch, input_size, runs, threads, artifacts, training, warmup
@@ -175,6 +182,7 @@ def run_bench(
         runs=runs,
         threads=threads,
         timings=timings,
+        unit_kernel=fused.kernel_name(fused.calls > fused_calls),
     )
 
 

@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from crossstitch import fused
 from crossstitch.exporters.bench import bare_forward
 from helpers import build
 
@@ -15,6 +16,7 @@ def test_bench_json_carries_every_variant_and_statistic(cli):
     result = json.loads(out)
     assert result["arch"] == "resnet18" and result["tasks"] == ["a", "b"]
     assert (result["batch"], result["input_size"], result["threads"]) == (2, [32, 32], 1)
+    assert result["unit_kernel"] == fused.kernel_name(fused.AVAILABLE)
     variants = {(t["mode"], t["name"]) for t in result["timings"]}
     assert variants == {
         ("inference", "cross-stitch"),
@@ -47,6 +49,7 @@ def test_bench_times_the_artifacts_beside_a_checkpoint(cli, tmp_path, exported):
     assert code == 0, err
     for variant in ("cross-stitch", "bare backbones", "onnx", "torchscript", "pt2"):
         assert variant in out
+    assert f"cross-stitch units at inference: {fused.kernel_name(fused.AVAILABLE)}." in out
     assert "training" not in out.split("\n", 1)[1].split("vs bare")[0]
 
 

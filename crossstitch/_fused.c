@@ -1,0 +1,134 @@
+/* Fused cross-stitch mixing for float32: out[i] = x[0] * w[i, 0] + x[1] * w[i, 1] + ...
+ *
+ * One pass over memory instead of one per product and sum, with the same two roundings per
+ * term as the elementwise torch ops (round(x * w), then round(acc + that)), in task order.
+ * Build with -ffp-contract=off and without -ffast-math: a fused multiply-add or a reordered
+ * sum would change the result. Plain C99 and pthreads; loaded with ctypes.
+ */
+#include <float.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "float expressions must be evaluated in float for the rounding to match torch"
+#endif
+
+/* Elements per task handled in one step: T inputs and T outputs of this size stay in cache
+ * while every output accumulates its T terms. */
+#define BLOCK 1024
+#define MAX_THREADS 64
+
+typedef struct {
+    int tasks;
+    const float *const *xs;
+    float *const *outs;
+    const float *weight;
+    int64_t channels;
+    int64_t inner;
+    int64_t row_len;
+    int64_t blocks_per_row;
+    int64_t first;
+    int64_t last;
+} Job;
+
+static void scale(float *restrict out, const float *restrict x, float a, int64_t n)
+{
+    for (int64_t k = 0; k < n; k++)
+        out[k] = x[k] * a;
+}
+
+static void accumulate(float *restrict out, const float *restrict x, float a, int64_t n)
+{
+    for (int64_t k = 0; k < n; k++) {
+        float term = x[k] * a;
+        out[k] = out[k] + term;
+    }
+}
+
+static void scale_each(float *restrict out, const float *restrict x, const float *restrict a,
+                       int64_t n)
+{
+    for (int64_t k = 0; k < n; k++)
+        out[k] = x[k] * a[k];
+}
+
+static void accumulate_each(float *restrict out, const float *restrict x,
+                            const float *restrict a, int64_t n)
+{
+    for (int64_t k = 0; k < n; k++) {
+        float term = x[k] * a[k];
+        out[k] = out[k] + term;
+    }
+}
+
+/* Rows are [outer, C] with inner > 1 (one weight per row), or [outer] with inner == 1 (one
+ * weight per element along the row, which then runs over the channels). */
+static void run_blocks(const Job *job)
+{
+    const int tasks = job->tasks;
+    const int per_element = job->inner == 1;
+    for (int64_t b = job->first; b < job->last; b++) {
+        const int64_t row = b / job->blocks_per_row;
+        const int64_t start = (b % job->blocks_per_row) * BLOCK;
+        const int64_t n = job->row_len - start < BLOCK ? job->row_len - start : BLOCK;
+        const int64_t offset = row * job->row_len + start;
+        const int64_t channel = per_element ? start : row % job->channels;
+        for (int i = 0; i < tasks; i++) {
+            float *out = job->outs[i] + offset;
+            for (int j = 0; j < tasks; j++) {
+                const float *x = job->xs[j] + offset;
+                const float *w = job->weight + ((int64_t)i * tasks + j) * job->channels + channel;
+                if (per_element && j == 0)
+                    scale_each(out, x, w, n);
+                else if (per_element)
+                    accumulate_each(out, x, w, n);
+                else if (j == 0)
+                    scale(out, x, *w, n);
+                else
+                    accumulate(out, x, *w, n);
+            }
+        }
+    }
+}
+
+static void *run_job(void *arg)
+{
+    run_blocks((const Job *)arg);
+    return NULL;
+}
+
+/* xs, outs: `tasks` contiguous float32 arrays viewed as [outer, channels, inner].
+ * weight: [tasks, tasks, channels] contiguous; for one weight per task pair pass channels = 1
+ * (and the whole tensor as inner). Splits the blocks over `threads` threads (at most 64), the
+ * caller's included; a thread that cannot be started has its share run by the caller. */
+void crossstitch_mix(int tasks, const float *const *xs, float *const *outs,
+                     const float *weight, int64_t outer, int64_t channels, int64_t inner,
+                     int threads)
+{
+    Job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    const int64_t rows = inner == 1 ? outer : outer * channels;
+    const int64_t row_len = inner == 1 ? channels : inner;
+    const int64_t blocks_per_row = (row_len + BLOCK - 1) / BLOCK;
+    const int64_t blocks = rows * blocks_per_row;
+    int count = threads < MAX_THREADS ? threads : MAX_THREADS;
+    if (count > blocks)
+        count = (int)blocks;
+    if (count < 1)
+        count = 1;
+    for (int t = 0; t < count; t++) {
+        Job job = {tasks, xs, outs, weight, channels, inner, row_len, blocks_per_row,
+                   blocks * t / count, blocks * (t + 1) / count};
+        jobs[t] = job;
+    }
+    for (int t = 1; t < count; t++)
+        started[t] = pthread_create(&ids[t], NULL, run_job, &jobs[t]) == 0;
+    run_blocks(&jobs[0]);
+    for (int t = 1; t < count; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            run_blocks(&jobs[t]);
+    }
+}
