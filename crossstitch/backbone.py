@@ -12,7 +12,13 @@ from torch.func import functional_call
 
 from crossstitch.dilation import apply_output_stride, check_output_stride
 from crossstitch.errors import CrossStitchError
-from crossstitch.families import Split, family_of, nominal_reduction, resolution
+from crossstitch.families import (
+    Split,
+    channel_dim,
+    family_of,
+    nominal_reduction,
+    resolution,
+)
 from crossstitch.heads import build_heads, check_heads, head_output
 from crossstitch.memory import build_bytes, check_fits
 from crossstitch.stages import StageInfo, arch_spec, check_fixed_size, check_head_layout
@@ -113,6 +119,18 @@ def probe_shapes(backbone: TaskBackbone, input_size: tuple[int, int]) -> dict[st
         x = functional_call(stage, _prefixed(meta, f"stages.{name}."), (x,))
         shapes[name] = x.shape
     return shapes
+
+
+def stage_infos(shapes: dict[str, torch.Size], size: int, layout: str) -> list[StageInfo]:
+    """Each stage's name, channels and reduction, from its output shape at a ``size`` input."""
+    return [
+        StageInfo(
+            name,
+            shape[channel_dim(layout)],
+            nominal_reduction(size, resolution(shape, layout), layout),
+        )
+        for name, shape in shapes.items()
+    ]
 
 
 def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -233,14 +251,7 @@ class CrossStitchBackbone(nn.Module):
                     f"the backbone of task '{task}' has other stage shapes than that of "
                     f"'{self.tasks[0]}'; cross-stitching needs identical architectures"
                 )
-        return [
-            StageInfo(
-                name,
-                shape[self.channel_dim],
-                nominal_reduction(size, resolution(shape, self.layout), self.layout),
-            )
-            for name, shape in first.items()
-        ]
+        return stage_infos(first, size, self.layout)
 
     @classmethod
     def from_torchvision(

@@ -53,7 +53,12 @@ class Family:
     @property
     def channel_dim(self) -> int:
         """Where the channels lie in the stage features."""
-        return 1 if self.layout == "nchw" else -1
+        return channel_dim(self.layout)
+
+
+def channel_dim(layout: str) -> int:
+    """Where the channels lie in features of ``layout``: 1 for NCHW, last otherwise."""
+    return 1 if layout == "nchw" else -1
 
 
 def resolution(shape: torch.Size, layout: str) -> int:

@@ -91,15 +91,22 @@ def output_axes(model: CrossStitchBackbone, output: str) -> dict[int, str]:
     return {0: "batch", 2: "height", 3: "width"}
 
 
+def input_config(model: CrossStitchBackbone, example: Tensor, options: ExportOptions) -> dict:
+    """The export's input shape and which of its dimensions the artifact leaves free."""
+    return {
+        "export_input": list(example.shape),
+        "dynamic": options.dynamic,
+        "spatial_free": options.dynamic and spatial_free(model),
+    }
+
+
 def artifact_config(model: CrossStitchBackbone, example: Tensor, options: ExportOptions) -> str:
     """The model's config as JSON, with the export's input shape, stored inside every artifact."""
     return json.dumps(
         {
             **model.config,
             "crossstitch": crossstitch.__version__,
-            "export_input": list(example.shape),
-            "dynamic": options.dynamic,
-            "spatial_free": options.dynamic and spatial_free(model),
+            **input_config(model, example, options),
         },
         sort_keys=True,
     )

@@ -24,7 +24,7 @@ from crossstitch.files import check_output_path
 from crossstitch.memory import check_fits
 from crossstitch.summary import activation_bytes
 
-from .common import FIXED_SPATIAL, Artifact, ExportOptions, spatial_free
+from .common import FIXED_SPATIAL, Artifact, ExportOptions, input_config
 from .compare import Comparison, compare_outputs
 from .errors import ExportFailed
 from .formats import FORMATS
@@ -181,12 +181,7 @@ def export_verified(
         size = sum(p.stat().st_size for p in [staged, *_companions(staged)] if p.exists())
         result = ExportResult(fmt, destination, False, seconds, size, details)
         if verify:
-            shape = {
-                "export_input": list(example.shape),
-                "dynamic": options.dynamic,
-                "spatial_free": options.dynamic and spatial_free(model),
-            }
-            result.inputs = verification_inputs(shape, seed)
+            result.inputs = verification_inputs(input_config(model, example, options), seed)
             result.comparison = compare_artifact(
                 module.load(staged),
                 staged,

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
 import torchvision
 
-from crossstitch.backbone import PROBE_SIZE, TaskBackbone, probe_shapes
-from crossstitch.families import FAMILIES, nominal_reduction, resolution
+from crossstitch.backbone import PROBE_SIZE, TaskBackbone, probe_shapes, stage_infos
+from crossstitch.families import FAMILIES
 
 CATALOG = Path(__file__).resolve().parents[1] / "crossstitch" / "catalog.json"
 
@@ -38,14 +39,7 @@ def describe(arch: str) -> dict | None:
     weights = torchvision.models.get_model_weights(arch)
     return {
         "family": family.name,
-        "stages": [
-            [
-                name,
-                shape[family.channel_dim],
-                nominal_reduction(size, resolution(shape, family.layout), family.layout),
-            ]
-            for name, shape in shapes.items()
-        ],
+        "stages": [list(astuple(stage)) for stage in stage_infos(shapes, size, family.layout)],
         "weights": list(weights.__members__),
         "input_size": fixed,
         "min_size": fixed or weights.DEFAULT.meta["min_size"][0],

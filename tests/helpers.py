@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -14,6 +16,15 @@ import torch
 import crossstitch
 
 SMALL = 64
+
+
+def load_script(name: str) -> types.ModuleType:
+    """A script from scripts/ as a module, so tests run the code the scripts run."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomize_units(model: crossstitch.CrossStitchBackbone, seed: int = 0) -> None:

@@ -1,22 +1,14 @@
 """The catalogue that `crossstitch list` reads agrees with torchvision and with built models."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from crossstitch.stages import architectures
-from helpers import build
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "update_catalog.py"
+from helpers import build, load_script
 
 
 @pytest.fixture(scope="module")
 def generator():
-    spec = importlib.util.spec_from_file_location("update_catalog", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("update_catalog")
 
 
 def test_catalog_matches_torchvision(generator):

@@ -2,22 +2,15 @@
 architecture builds with two tasks, exports to every format and verifies. It runs the same code
 as scripts/coverage.py, which records these runs for the README."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from crossstitch.stages import architectures
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "coverage.py"
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def coverage():
-    spec = importlib.util.spec_from_file_location("coverage_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("coverage")
 
 
 @pytest.mark.slow
