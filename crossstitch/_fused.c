@@ -8,6 +8,7 @@
 #include <float.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 
 #if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
 #error "float expressions must be evaluated in float for the rounding to match torch"
@@ -21,7 +22,8 @@
 typedef struct {
     int tasks;
     const float *const *xs;
-    float *const *outs;
+    float *const *outs; /* NULL: write into xs through `scratch` (tasks * BLOCK floats) */
+    float *scratch;
     const float *weight;
     int64_t channels;
     int64_t inner;
@@ -74,7 +76,7 @@ static void run_blocks(const Job *job)
         const int64_t offset = row * job->row_len + start;
         const int64_t channel = per_element ? start : row % job->channels;
         for (int i = 0; i < tasks; i++) {
-            float *out = job->outs[i] + offset;
+            float *out = job->outs ? job->outs[i] + offset : job->scratch + (int64_t)i * BLOCK;
             for (int j = 0; j < tasks; j++) {
                 const float *x = job->xs[j] + offset;
                 const float *w = job->weight + ((int64_t)i * tasks + j) * job->channels + channel;
@@ -88,6 +90,11 @@ static void run_blocks(const Job *job)
                     accumulate(out, x, *w, n);
             }
         }
+        /* In place: every output of this block is complete, so no input element is read again. */
+        if (!job->outs)
+            for (int i = 0; i < tasks; i++)
+                memcpy((float *)job->xs[i] + offset, job->scratch + (int64_t)i * BLOCK,
+                       (size_t)n * sizeof(float));
     }
 }
 
@@ -97,13 +104,8 @@ static void *run_job(void *arg)
     return NULL;
 }
 
-/* xs, outs: `tasks` contiguous float32 arrays viewed as [outer, channels, inner].
- * weight: [tasks, tasks, channels] contiguous; for one weight per task pair pass channels = 1
- * (and the whole tensor as inner). Splits the blocks over `threads` threads (at most 64), the
- * caller's included; a thread that cannot be started has its share run by the caller. */
-void crossstitch_mix(int tasks, const float *const *xs, float *const *outs,
-                     const float *weight, int64_t outer, int64_t channels, int64_t inner,
-                     int threads)
+static void run(int tasks, const float *const *xs, float *const *outs, float *scratch,
+                const float *weight, int64_t outer, int64_t channels, int64_t inner, int threads)
 {
     Job jobs[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
@@ -118,8 +120,17 @@ void crossstitch_mix(int tasks, const float *const *xs, float *const *outs,
     if (count < 1)
         count = 1;
     for (int t = 0; t < count; t++) {
-        Job job = {tasks, xs, outs, weight, channels, inner, row_len, blocks_per_row,
-                   blocks * t / count, blocks * (t + 1) / count};
+        Job job = {tasks,
+                   xs,
+                   outs,
+                   scratch ? scratch + (int64_t)t * tasks * BLOCK : NULL,
+                   weight,
+                   channels,
+                   inner,
+                   row_len,
+                   blocks_per_row,
+                   blocks * t / count,
+                   blocks * (t + 1) / count};
         jobs[t] = job;
     }
     for (int t = 1; t < count; t++)
@@ -131,4 +142,32 @@ void crossstitch_mix(int tasks, const float *const *xs, float *const *outs,
         else
             run_blocks(&jobs[t]);
     }
+}
+
+/* xs, outs: `tasks` contiguous float32 arrays viewed as [outer, channels, inner], none
+ * overlapping another. weight: [tasks, tasks, channels] contiguous; for one weight per task
+ * pair pass channels = 1 (and the whole tensor as inner). Splits the blocks over `threads`
+ * threads (at most 64), the caller's included; a thread that cannot be started has its share
+ * run by the caller. */
+void crossstitch_mix(int tasks, const float *const *xs, float *const *outs,
+                     const float *weight, int64_t outer, int64_t channels, int64_t inner,
+                     int threads)
+{
+    run(tasks, xs, outs, NULL, weight, outer, channels, inner, threads);
+}
+
+/* As crossstitch_mix, with each output written over its task's input: xs must not overlap.
+ * scratch: threads * tasks * crossstitch_block() floats, where a block's outputs wait until
+ * every output of that block is complete. */
+void crossstitch_mix_inplace(int tasks, float *const *xs, float *scratch, const float *weight,
+                             int64_t outer, int64_t channels, int64_t inner, int threads)
+{
+    run(tasks, (const float *const *)xs, NULL, scratch, weight, outer, channels, inner,
+        threads);
+}
+
+/* Elements per task in one block, for sizing the in-place scratch. */
+int crossstitch_block(void)
+{
+    return BLOCK;
 }

@@ -8,34 +8,40 @@ once and writes every output once, rounding each product and each sum as the tor
 from __future__ import annotations
 
 import ctypes
+import sys
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+_SIZES = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+_POINTERS = ctypes.POINTER(ctypes.c_void_p)
+# Argument types of the library's functions: tasks, arrays, weight, geometry, threads.
+_SIGNATURES = {
+    "crossstitch_mix": [ctypes.c_int, _POINTERS, _POINTERS, ctypes.c_void_p, *_SIZES],
+    "crossstitch_mix_inplace": [ctypes.c_int, _POINTERS, ctypes.c_void_p, ctypes.c_void_p, *_SIZES],
+    "crossstitch_block": [],
+}
+
 
 def _load() -> ctypes.CDLL | None:
-    """The built library beside this module, or None where the install could not build it."""
+    """The built library beside this module, or None where the install could not build it.
+
+    A library that lacks one of the functions (left by an older build) counts as not built.
+    """
     here = Path(__file__).parent
     for suffix in EXTENSION_SUFFIXES:
         path = here / f"_fused{suffix}"
         if path.is_file():
             try:
                 library = ctypes.CDLL(str(path))
-            except OSError:
+                for name, argtypes in _SIGNATURES.items():
+                    function = getattr(library, name)
+                    function.argtypes = argtypes
+                    function.restype = ctypes.c_int if name == "crossstitch_block" else None
+            except (OSError, AttributeError):
                 return None
-            library.crossstitch_mix.restype = None
-            library.crossstitch_mix.argtypes = [
-                ctypes.c_int,
-                ctypes.POINTER(ctypes.c_void_p),
-                ctypes.POINTER(ctypes.c_void_p),
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int,
-            ]
             return library
     return None
 
@@ -95,6 +101,48 @@ def _plain(x: Tensor) -> bool:
     )
 
 
+def _storage_uses(x: Tensor) -> int:
+    return torch._C._storage_Use_Count(x.untyped_storage()._cdata)
+
+
+def _holders(features: dict[str, Tensor]) -> list[tuple[int, int, int]]:
+    """Per tensor: Python references, holders of its TensorImpl, holders of its memory."""
+    return [
+        (sys.getrefcount(x), x._use_count(), _storage_uses(x)) if type(x) is Tensor else (0, 0, 0)
+        for x in features.values()
+    ]
+
+
+# What ``_holders`` reports for a tensor that only a dict holds; None where this torch does not
+# expose the counts, and then nothing is ever overwritten.
+try:
+    _ALONE: tuple[int, int, int] | None = _holders({"probe": torch.empty(1)})[0]
+except (AttributeError, RuntimeError):
+    _ALONE = None
+
+
+def held_only_by(features: dict[str, Tensor]) -> bool:
+    """Whether ``features`` alone holds each of its tensors, so writing over them is unseen.
+
+    No other name, container, hook, view, autograd record or entry of the same dict may hold a
+    tensor or share its memory. The counts are compared with those of a tensor known to be held
+    by a dict alone, measured the same way when this module loads.
+    """
+    return _ALONE is not None and all(h == _ALONE for h in _holders(features))
+
+
+def _geometry(weight: Tensor, first: Tensor, channel_dim: int) -> tuple[int, int, int]:
+    """The features as ``[outer, channels, inner]``; the whole tensor for a ``[T, T]`` weight."""
+    if weight.dim() == 2:
+        return 1, 1, first.numel()
+    axis = channel_dim % first.dim()
+    return first.shape[:axis].numel(), first.shape[axis], first.shape[axis + 1 :].numel()
+
+
+def _threads(first: Tensor, threads: int | None) -> int:
+    return threads or max(1, min(torch.get_num_threads(), first.numel() // MIN_PER_THREAD))
+
+
 def stitch(
     weight: Tensor, xs: list[Tensor], channel_dim: int, threads: int | None = None
 ) -> list[Tensor]:
@@ -105,25 +153,37 @@ def stitch(
     """
     global calls
     calls += 1
-    tasks = len(xs)
-    first = xs[0]
-    if weight.dim() == 2:
-        outer, channels, inner = 1, 1, first.numel()
-    else:
-        axis = channel_dim % first.dim()
-        channels = first.shape[axis]
-        outer = first.shape[:axis].numel()
-        inner = first.shape[axis + 1 :].numel()
-    outs = [torch.empty_like(first) for _ in xs]
-    pointers = ctypes.c_void_p * tasks
+    outs = [torch.empty_like(xs[0]) for _ in xs]
+    pointers = ctypes.c_void_p * len(xs)
     _LIBRARY.crossstitch_mix(
-        tasks,
+        len(xs),
         pointers(*(x.data_ptr() for x in xs)),
         pointers(*(o.data_ptr() for o in outs)),
         weight.data_ptr(),
-        outer,
-        channels,
-        inner,
-        threads or max(1, min(torch.get_num_threads(), first.numel() // MIN_PER_THREAD)),
+        *_geometry(weight, xs[0], channel_dim),
+        _threads(xs[0], threads),
     )
     return outs
+
+
+def stitch_(
+    weight: Tensor, xs: list[Tensor], channel_dim: int, threads: int | None = None
+) -> list[Tensor]:
+    """``stitch`` with each output written over its task's input, which is returned.
+
+    Allocates nothing the size of the features, so the unit adds no memory traffic or page
+    faults beyond the arithmetic. The inputs must not share memory; see ``held_only_by``.
+    """
+    global calls
+    calls += 1
+    threads = _threads(xs[0], threads)
+    scratch = torch.empty(threads * len(xs) * _LIBRARY.crossstitch_block())
+    _LIBRARY.crossstitch_mix_inplace(
+        len(xs),
+        (ctypes.c_void_p * len(xs))(*(x.data_ptr() for x in xs)),
+        scratch.data_ptr(),
+        weight.data_ptr(),
+        *_geometry(weight, xs[0], channel_dim),
+        threads,
+    )
+    return xs

@@ -9,7 +9,7 @@ import torch
 
 from crossstitch import CrossStitchUnit, fused
 from crossstitch.reference import reference_stitch
-from helpers import build, image
+from helpers import build, image, randomize_units
 
 needs_fused = pytest.mark.skipif(
     not fused.AVAILABLE, reason="the fused C extension was not built in this install"
@@ -107,6 +107,128 @@ def test_split_over_threads_changes_nothing(granularity, layout):
         for threads in (1, 2, 3, 7, 100):
             got = fused.stitch(unit.weight, xs, channel_dim, threads=threads)
             assert all(_same_bits(a, b) for a, b in zip(got, want, strict=True))
+
+
+@needs_fused
+@pytest.mark.parametrize("tasks", [2, 3, 5])
+@pytest.mark.parametrize("granularity", ["channel", "layer"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_in_place_equals_the_torch_ops_bit_for_bit(tasks, granularity, layout):
+    channel_dim, shape = LAYOUTS[layout]
+    unit = _unit(tasks, granularity, channel_dim, shape[channel_dim])
+    xs = _features(tasks, shape)
+    with torch.no_grad():
+        want = unit.mix(xs)
+        for threads in (1, 3):
+            inputs = [x.clone() for x in xs]
+            got = fused.stitch_(unit.weight, inputs, channel_dim, threads=threads)
+            assert all(a is b for a, b in zip(got, inputs, strict=True))
+            assert all(_same_bits(a, b) for a, b in zip(got, want, strict=True))
+
+
+def _count_in_place(monkeypatch) -> list[int]:
+    """Counts the calls of ``fused.stitch_`` from now on, in a one-element list."""
+    count = [0]
+    original = fused.stitch_
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "stitch_", counted)
+    return count
+
+
+@needs_fused
+@pytest.mark.parametrize("features", ["last", "all"])
+def test_backbone_inference_writes_over_its_own_stage_outputs(monkeypatch, features):
+    """Same outputs as the torch ops, every unit in place, nothing allocated for the units."""
+    model = build(features=features).eval()
+    randomize_units(model)
+    with torch.no_grad():
+        monkeypatch.setattr(fused, "AVAILABLE", False)
+        want = model(image())
+        monkeypatch.setattr(fused, "AVAILABLE", True)
+        count = _count_in_place(monkeypatch)
+        got = model(image())
+    assert count[0] == len(model.cross_stitch)
+    assert list(got) == list(want)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+def _keeper(kept: list, clones: list, view: bool = False, only=None):
+    """A forward hook that keeps the module's output (or a view of it) and a copy of it."""
+
+    def hook(module, args, output):
+        if only is None or module is only:
+            kept.append(output[:1] if view else output)
+            clones.append(kept[-1].clone())
+
+    return hook
+
+
+def _input_keeper(kept: list, clones: list):
+    """A forward pre-hook that keeps a unit's input features and copies of them."""
+
+    def hook(module, args):
+        kept.extend(args[0].values())
+        clones.extend(x.clone() for x in args[0].values())
+
+    return hook
+
+
+# Holder: how many of resnet18's four units may still write in place. A hook on one stage or
+# unit stops only that unit; a global hook or grad mode stops all of them.
+HOLDERS = {
+    "stage hook": 3,
+    "stage hook keeps a view": 3,
+    "unit pre-hook": 3,
+    "global hook": 0,
+    "grad mode": 0,
+}
+
+
+@needs_fused
+@pytest.mark.parametrize("holder", list(HOLDERS))
+def test_in_place_leaves_what_anything_else_holds(monkeypatch, holder):
+    """Features that a hook, a view or autograd could still see are never written over."""
+    model = build().eval()
+    randomize_units(model)
+    stage = model.backbones[model.tasks[0]].stages["layer2"]
+    unit = model.cross_stitch["layer2"]
+    kept, clones = [], []
+    if holder == "unit pre-hook":
+        handle = unit.register_forward_pre_hook(_input_keeper(kept, clones))
+    elif holder == "global hook":
+        hook = _keeper(kept, clones, only=stage)
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    else:
+        handle = stage.register_forward_hook(_keeper(kept, clones, view=holder.endswith("view")))
+    if holder == "grad mode":
+        model.requires_grad_(False)
+    context = torch.enable_grad() if holder == "grad mode" else torch.no_grad()
+    count = _count_in_place(monkeypatch)
+    with context:
+        got = model(image())
+    in_place = count[0]
+    handle.remove()
+    with torch.no_grad():
+        want = model(image())
+    assert kept and all(torch.equal(a, b) for a, b in zip(kept, clones, strict=True))
+    assert all(torch.equal(got[task], want[task]) for task in want)
+    assert in_place == HOLDERS[holder]
+
+
+@needs_fused
+def test_a_caller_that_keeps_its_features_keeps_them_unchanged():
+    unit = _unit(3, "channel", 1, 7)
+    xs = _features(3, (2, 7, 3))
+    clones = [x.clone() for x in xs]
+    with torch.no_grad():
+        out = unit(dict(zip(unit.tasks, xs, strict=True)), reuse_inputs=True)
+        want = unit.mix(clones)
+    assert all(_same_bits(a, b) for a, b in zip(xs, clones, strict=True))
+    assert all(_same_bits(a, b) for a, b in zip(out.values(), want, strict=True))
 
 
 @needs_fused

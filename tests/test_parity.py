@@ -27,8 +27,8 @@ def test_parity_detects_a_difference():
     unit = model.cross_stitch["layer2"]
     original = unit.forward
 
-    def off_by_a_little(features):
-        out = original(features)
+    def off_by_a_little(features, **options):
+        out = original(features, **options)
         return {t: v * (1 + 1e-6) for t, v in out.items()}
 
     unit.forward = off_by_a_little
