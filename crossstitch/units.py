@@ -35,9 +35,10 @@ class CrossStitchUnit(nn.Module):
     channel) or ``[T, T]`` (``"layer"``). ``channel_dim`` is where the channels lie in the
     features: 1 for NCHW maps, -1 for channel-last tokens. The sum is accumulated left to right
     with separate multiplies and adds (no fused multiply-add), so the result equals the
-    stack-and-sum reference bit for bit on CPU. Inference on contiguous float32 CPU features runs
-    the fused C kernel (``crossstitch.fused``) where it is built: the same roundings, one pass,
-    written over the inputs when the caller gives them up and nothing else can see them.
+    stack-and-sum reference bit for bit on CPU. On contiguous float32 CPU features the fused C
+    kernel (``crossstitch.fused``) runs instead where it is built: the same roundings in one
+    pass, written over the inputs at inference when the caller gives them up and nothing else
+    can see them, and with its own two-pass backward in training.
     """
 
     def __init__(
@@ -110,7 +111,12 @@ class CrossStitchUnit(nn.Module):
         overwrite = reuse_inputs and not torch.jit.is_scripting() and self._may_overwrite(features)
         xs = [features[task] for task in self.tasks]
         if not torch.jit.is_scripting() and fused.usable(self.weight, xs, self.channel_dim):
-            stitch = fused.stitch_ if overwrite else fused.stitch
+            if torch.is_grad_enabled() and (
+                self.weight.requires_grad or any(x.requires_grad for x in xs)
+            ):
+                stitch = fused.stitch_with_grad
+            else:
+                stitch = fused.stitch_ if overwrite else fused.stitch
             return dict(zip(self.tasks, stitch(self.weight, xs, self.channel_dim), strict=True))
         return dict(zip(self.tasks, self.mix(xs), strict=True))
 
@@ -126,7 +132,7 @@ class CrossStitchUnit(nn.Module):
     def mix(self, xs: list[Tensor]) -> list[Tensor]:
         """The unit in elementwise torch ops, one output per task in task order.
 
-        The path for autograd, tracing and export, and wherever the fused kernel does not apply.
+        The path for tracing and export, and wherever the fused kernel does not apply.
         """
         weight = self.weight.view(self.weight.shape[:2] + self.broadcast_shape(xs[0].dim()))
         out = []
