@@ -45,6 +45,20 @@ def test_reference_is_the_formula():
     assert out_b.flatten().tolist() == [5 + 70, 6 + 80]
 
 
+@pytest.mark.parametrize("tasks", [2, 3, 4])
+def test_reference_adds_as_torch_sum_over_the_stack_does_up_to_four_tasks(tasks):
+    """DESIGN §1 states the reference as ``torch.sum`` over the stacked products; up to four
+    tasks the written-out sum is that, bit for bit, on every tail length of a vector."""
+    generator = torch.Generator().manual_seed(tasks)
+    weight = torch.randn(tasks, tasks, generator=generator)
+    for size in [*range(1, 70), 1000, 1001, 4097]:
+        xs = [torch.randn(size, generator=generator) * 1e3 for _ in range(tasks)]
+        got = reference_stitch(weight, xs, channel_dim=0)
+        for i, out in enumerate(got):
+            stacked = torch.stack([weight[i, j] * xs[j] for j in range(tasks)])
+            assert torch.equal(out, torch.sum(stacked, dim=0))
+
+
 def test_partial_stitching_leaves_other_stages_alone():
     model = build(stages=["layer2", "layer4"])
     assert list(model.cross_stitch) == ["layer2", "layer4"]
