@@ -289,7 +289,7 @@ def bench_table(result: Any) -> None:
         "stitching. peak MB: most tensor memory torch held during one call (not measured "
         "inside onnxruntime)."
     )
-    stdout.print(f"cross-stitch units at inference: {result.unit_kernel}.")
+    stdout.print(f"cross-stitch units: {result.unit_kernel}.")
 
 
 NEUTRAL, POSITIVE, NEGATIVE = (48, 48, 48), (31, 119, 180), (214, 39, 40)

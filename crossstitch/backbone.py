@@ -335,7 +335,7 @@ class CrossStitchBackbone(nn.Module):
         for name in self.backbones[self.tasks[0]].stages:
             feats = {task: net.stages[name](feats[task]) for task, net in self.backbones.items()}
             if name in self.cross_stitch:
-                feats = self.cross_stitch[name](feats)
+                feats = self.cross_stitch[name](feats, reuse_inputs=True)
                 if self.features == "all":
                     stitched[name] = feats
         size = x.shape[-2:]

@@ -16,7 +16,13 @@ from crossstitch.heads import head_output
 
 
 def reference_stitch(weight: Tensor, xs: list[Tensor], channel_dim: int) -> list[Tensor]:
-    """``x̂_i = Σ_j A[i, j] ⊙ x_j``: per pair a broadcast product, stacked in task order, summed."""
+    """``x̂_i = Σ_j A[i, j] ⊙ x_j``: per pair a broadcast product, added up in task order.
+
+    The sum is written out as one addition after another. ``torch.sum`` over the stacked
+    products (DESIGN §1) adds in that same order for up to four tasks; from five on, its
+    vectorised reduction adds the last elements of a tensor whose size is not a multiple of 32
+    in another order, which changes their last bit, so the order is spelt out here.
+    """
     num_tasks = len(xs)
     outputs = []
     for i in range(num_tasks):
@@ -28,7 +34,10 @@ def reference_stitch(weight: Tensor, xs: list[Tensor], channel_dim: int) -> list
                 shape[channel_dim] = a.numel()
                 a = a.view(shape)
             products.append(a * xs[j])
-        outputs.append(torch.sum(torch.stack(products), dim=0))
+        total = products[0]
+        for product in products[1:]:
+            total = total + product
+        outputs.append(total)
     return outputs
 
 

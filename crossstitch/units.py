@@ -6,11 +6,14 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from crossstitch import fused
 from crossstitch.errors import CrossStitchError
 
 GRANULARITIES = ("channel", "layer")
+# Hooks registered for every module; one of them could keep a unit's inputs.
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
 
 
 def default_beta(alpha: float, num_tasks: int) -> float:
@@ -32,8 +35,10 @@ class CrossStitchUnit(nn.Module):
     channel) or ``[T, T]`` (``"layer"``). ``channel_dim`` is where the channels lie in the
     features: 1 for NCHW maps, -1 for channel-last tokens. The sum is accumulated left to right
     with separate multiplies and adds (no fused multiply-add), so the result equals the
-    stack-and-sum reference bit for bit on CPU. Inference on contiguous float32 CPU features runs
-    the fused C kernel (``crossstitch.fused``) where it is built: the same roundings, one pass.
+    stack-and-sum reference bit for bit on CPU. On contiguous float32 CPU features the fused C
+    kernel (``crossstitch.fused``) runs instead where it is built: the same roundings in one
+    pass, written over the inputs at inference when the caller gives them up and nothing else
+    can see them, and with its own two-pass backward in training.
     """
 
     def __init__(
@@ -96,18 +101,38 @@ class CrossStitchUnit(nn.Module):
             return (self.channels,)
         return (self.channels,) + (1,) * (ndim - self.channel_dim - 1)
 
-    def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, features: dict[str, Tensor], reuse_inputs: bool = False) -> dict[str, Tensor]:
+        """The recombined features, one per task.
+
+        ``reuse_inputs=True`` says the caller is done with ``features`` (the backbone passes its
+        stage outputs so): at inference the fused kernel then writes the outputs over them, and
+        the unit allocates nothing, where no hook and no other reference can see those tensors.
+        """
+        overwrite = reuse_inputs and not torch.jit.is_scripting() and self._may_overwrite(features)
         xs = [features[task] for task in self.tasks]
         if not torch.jit.is_scripting() and fused.usable(self.weight, xs, self.channel_dim):
-            return dict(
-                zip(self.tasks, fused.stitch(self.weight, xs, self.channel_dim), strict=True)
-            )
+            if torch.is_grad_enabled() and (
+                self.weight.requires_grad or any(x.requires_grad for x in xs)
+            ):
+                stitch = fused.stitch_with_grad
+            else:
+                stitch = fused.stitch_ if overwrite else fused.stitch
+            return dict(zip(self.tasks, stitch(self.weight, xs, self.channel_dim), strict=True))
         return dict(zip(self.tasks, self.mix(xs), strict=True))
+
+    def _may_overwrite(self, features: dict[str, Tensor]) -> bool:
+        """No autograd, no hook that could keep the inputs, and nothing else holding them."""
+        return (
+            not torch.is_grad_enabled()
+            and not (self._forward_hooks or self._forward_pre_hooks)
+            and not any(getattr(torch_module, name, True) for name in _GLOBAL_HOOKS)
+            and fused.held_only_by(features)
+        )
 
     def mix(self, xs: list[Tensor]) -> list[Tensor]:
         """The unit in elementwise torch ops, one output per task in task order.
 
-        The path for autograd, tracing and export, and wherever the fused kernel does not apply.
+        The path for tracing and export, and wherever the fused kernel does not apply.
         """
         weight = self.weight.view(self.weight.shape[:2] + self.broadcast_shape(xs[0].dim()))
         out = []

@@ -61,8 +61,8 @@ class Timing:
 class BenchResult:
     """A benchmark run: its setting, one timing per variant and mode, what ran the units.
 
-    ``unit_kernel`` names what ran the eager model's units for inference; training steps always
-    run torch ops, which autograd records.
+    ``unit_kernel`` names what ran the eager model's units, for inference and training steps
+    alike.
     """
 
     arch: str | None

@@ -1,8 +1,10 @@
 """One cross-stitch unit's inference forward: the torch ops against the fused C kernel.
 
-ResNet-50 stage outputs for 3 tasks, batch 4, 128 px input (layer1..layer4). Both paths run
-interleaved, alternating which goes first, and the medians are compared; the fused outputs are
-checked bit for bit against the torch ops' before timing.
+ResNet-50 stage outputs for 3 tasks, batch 4, 128 px input (layer1..layer4). The torch ops, the
+fused kernel into new outputs and the fused kernel written over its inputs (as the backbone runs
+it) are run interleaved, in turn first, and the medians are compared; the fused outputs are
+checked bit for bit against the torch ops' before timing. Every call starts from the same
+input values, copied in untimed.
 Run: python scripts/bench_units.py [--repeats 30] [--threads N]
 """
 
@@ -41,37 +43,43 @@ def main() -> None:
         raise SystemExit("the fused C kernel is not built in this install")
     torch.set_num_threads(args.threads)
     print(f"{len(TASKS)} tasks, {args.threads} threads, {args.repeats} interleaved runs, medians")
-    totals = {"torch ops": 0.0, "fused": 0.0}
+    totals = {"torch ops": 0.0, "fused": 0.0, "in place": 0.0}
     for stage, shape in SHAPES.items():
         unit = CrossStitchUnit(TASKS, shape[1])
         with torch.no_grad():
             unit.weight.copy_(torch.rand(unit.weight.shape) * 2 - 1)
-        xs = [torch.randn(shape) for _ in TASKS]
+        sources = [torch.randn(shape) for _ in TASKS]
+        xs = [x.clone() for x in sources]
         calls = {
             "torch ops": lambda unit=unit, xs=xs: unit.mix(xs),
             "fused": lambda unit=unit, xs=xs: fused.stitch(unit.weight, xs, 1),
+            "in place": lambda unit=unit, xs=xs: fused.stitch_(unit.weight, xs, 1),
         }
         times: dict[str, list[float]] = {name: [] for name in calls}
         with torch.no_grad():
-            got, want = calls["fused"](), calls["torch ops"]()
-            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+            want = calls["torch ops"]()
+            for name in ("fused", "in place"):
+                got = calls[name]()
+                assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+                for x, source in zip(xs, sources, strict=True):
+                    x.copy_(source)
+            names = list(calls)
             for round_index in range(args.repeats):
-                order = list(calls) if round_index % 2 == 0 else list(reversed(calls))
-                for name in order:
+                shift = round_index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    for x, source in zip(xs, sources, strict=True):
+                        x.copy_(source)
                     times[name].append(_timed(calls[name]))
         medians = {name: statistics.median(values) for name, values in times.items()}
         for name, value in medians.items():
             totals[name] += value
-        print(
-            f"{stage} {list(shape)!s:18s} torch ops {medians['torch ops'] * 1e3:7.3f} ms   "
-            f"fused {medians['fused'] * 1e3:7.3f} ms   "
-            f"{medians['torch ops'] / medians['fused']:.2f}x faster"
-        )
-    print(
-        f"all four units      torch ops {totals['torch ops'] * 1e3:7.3f} ms   "
-        f"fused {totals['fused'] * 1e3:7.3f} ms   "
-        f"{totals['torch ops'] / totals['fused']:.2f}x faster"
-    )
+        print(_line(f"{stage} {list(shape)!s:18s}", medians))
+    print(_line(f"{'all four units':25s}", totals))
+
+
+def _line(label: str, seconds: dict[str, float]) -> str:
+    times = "   ".join(f"{name} {value * 1e3:7.3f} ms" for name, value in seconds.items())
+    return f"{label} {times}   in place {seconds['torch ops'] / seconds['in place']:.2f}x faster"
 
 
 if __name__ == "__main__":

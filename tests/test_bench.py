@@ -49,7 +49,7 @@ def test_bench_times_the_artifacts_beside_a_checkpoint(cli, tmp_path, exported):
     assert code == 0, err
     for variant in ("cross-stitch", "bare backbones", "onnx", "torchscript", "pt2"):
         assert variant in out
-    assert f"cross-stitch units at inference: {fused.kernel_name(fused.AVAILABLE)}." in out
+    assert f"cross-stitch units: {fused.kernel_name(fused.AVAILABLE)}." in out
     assert "training" not in out.split("\n", 1)[1].split("vs bare")[0]
 
 

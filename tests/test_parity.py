@@ -27,8 +27,8 @@ def test_parity_detects_a_difference():
     unit = model.cross_stitch["layer2"]
     original = unit.forward
 
-    def off_by_a_little(features):
-        out = original(features)
+    def off_by_a_little(features, **options):
+        out = original(features, **options)
         return {t: v * (1 + 1e-6) for t, v in out.items()}
 
     unit.forward = off_by_a_little
@@ -43,6 +43,20 @@ def test_reference_is_the_formula():
     out_a, out_b = reference_stitch(weight, [xa, xb], channel_dim=1)
     assert out_a.flatten().tolist() == [1 + 30, 2 + 40]
     assert out_b.flatten().tolist() == [5 + 70, 6 + 80]
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 4])
+def test_reference_adds_as_torch_sum_over_the_stack_does_up_to_four_tasks(tasks):
+    """DESIGN §1 states the reference as ``torch.sum`` over the stacked products; up to four
+    tasks the written-out sum is that, bit for bit, on every tail length of a vector."""
+    generator = torch.Generator().manual_seed(tasks)
+    weight = torch.randn(tasks, tasks, generator=generator)
+    for size in [*range(1, 70), 1000, 1001, 4097]:
+        xs = [torch.randn(size, generator=generator) * 1e3 for _ in range(tasks)]
+        got = reference_stitch(weight, xs, channel_dim=0)
+        for i, out in enumerate(got):
+            stacked = torch.stack([weight[i, j] * xs[j] for j in range(tasks)])
+            assert torch.equal(out, torch.sum(stacked, dim=0))
 
 
 def test_partial_stitching_leaves_other_stages_alone():
