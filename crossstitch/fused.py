@@ -140,6 +140,11 @@ def _geometry(weight: Tensor, first: Tensor, channel_dim: int) -> tuple[int, int
     return first.shape[:axis].numel(), first.shape[axis], first.shape[axis + 1 :].numel()
 
 
+def _addresses(tensors: list[Tensor]) -> ctypes.Array:
+    """The tensors' data pointers as the C array the kernel takes."""
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
 def _threads(first: Tensor, threads: int | None) -> int:
     return threads or max(1, min(torch.get_num_threads(), first.numel() // MIN_PER_THREAD))
 
@@ -155,11 +160,10 @@ def stitch(
     global calls
     calls += 1
     outs = [torch.empty_like(xs[0]) for _ in xs]
-    pointers = ctypes.c_void_p * len(xs)
     _LIBRARY.crossstitch_mix(
         len(xs),
-        pointers(*(x.data_ptr() for x in xs)),
-        pointers(*(o.data_ptr() for o in outs)),
+        _addresses(xs),
+        _addresses(outs),
         weight.data_ptr(),
         *_geometry(weight, xs[0], channel_dim),
         _threads(xs[0], threads),
@@ -181,7 +185,7 @@ def stitch_(
     scratch = torch.empty(threads * len(xs) * _LIBRARY.crossstitch_block())
     _LIBRARY.crossstitch_mix_inplace(
         len(xs),
-        (ctypes.c_void_p * len(xs))(*(x.data_ptr() for x in xs)),
+        _addresses(xs),
         scratch.data_ptr(),
         weight.data_ptr(),
         *_geometry(weight, xs[0], channel_dim),
@@ -205,11 +209,10 @@ def weight_grad(
     threads = _threads(xs[0], threads)
     outer, channels, inner = _geometry(weight, xs[0], channel_dim)
     sums = torch.zeros(threads, len(xs), len(xs), channels, dtype=torch.float64)
-    pointers = ctypes.c_void_p * len(xs)
     _LIBRARY.crossstitch_weight_grad(
         len(xs),
-        pointers(*(g.data_ptr() for g in grads)),
-        pointers(*(x.data_ptr() for x in xs)),
+        _addresses(grads),
+        _addresses(xs),
         sums.data_ptr(),
         outer,
         channels,

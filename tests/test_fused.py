@@ -60,15 +60,22 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-@pytest.mark.parametrize("tasks", [2, 3, 5])
-@pytest.mark.parametrize("granularity", ["channel", "layer"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_inference_equals_the_torch_ops_bit_for_bit_in_place_or_not(tasks, granularity, layout):
+def _case(tasks: int, granularity: str, layout: str):
+    """A unit with special values in its weight, features for it, and its inference output."""
     channel_dim, shape = LAYOUTS[layout]
     unit = _unit(tasks, granularity, channel_dim, shape[channel_dim])
     xs = _features(tasks, shape)
     with torch.no_grad():
         got = list(unit(dict(zip(unit.tasks, xs, strict=True))).values())
+    return unit, xs, channel_dim, got
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 5])
+@pytest.mark.parametrize("granularity", ["channel", "layer"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_inference_equals_the_torch_ops_bit_for_bit_in_place_or_not(tasks, granularity, layout):
+    unit, xs, channel_dim, got = _case(tasks, granularity, layout)
+    with torch.no_grad():
         want = unit.mix(xs)
         kernels = [got]
         if fused.AVAILABLE:
@@ -87,11 +94,8 @@ def test_inference_equals_the_torch_ops_bit_for_bit_in_place_or_not(tasks, granu
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_inference_equals_the_reference_bit_for_bit(tasks, granularity, layout):
     """To the bit, signed zeros included; these small shapes all end in a partial vector."""
-    channel_dim, shape = LAYOUTS[layout]
-    unit = _unit(tasks, granularity, channel_dim, shape[channel_dim])
-    xs = _features(tasks, shape)
+    unit, xs, channel_dim, got = _case(tasks, granularity, layout)
     with torch.no_grad():
-        got = list(unit(dict(zip(unit.tasks, xs, strict=True))).values())
         want = reference_stitch(unit.weight, xs, channel_dim)
     assert all(_same_bits(a, b) for a, b in zip(got, want, strict=True))
 
