@@ -6,26 +6,49 @@ answer quickly.
 
 from __future__ import annotations
 
+import errno
 import math
 import signal
 import sys
 import traceback
 import warnings
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
 import crossstitch
-from crossstitch.errors import CrossStitchError
+from crossstitch.errors import CrossStitchError, first_line
 from crossstitch.exporters.errors import ExportFailed
 from crossstitch.stages import arch_spec, architectures, check_fixed_size
 
 from . import render
 from .argv import expand_multi_values, split_commas
+from .typer_adapter import usage_error
+
+# The command-line option behind each library parameter, for error messages.
+OPTIONS = {
+    "arch": "ARCH",
+    "tasks": "--tasks",
+    "alpha": "--alpha",
+    "beta": "--beta",
+    "granularity": "--granularity",
+    "stages": "--stages",
+    "heads": "--head",
+    "output_stride": "--output-stride",
+    "features": "--features",
+    "weights": "--weights",
+    "weights_file": "--weights-file",
+    "task_weights": "--task-weights",
+    "input_size": "--input-size",
+    "seed": "--seed",
+}
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+# The exit code Typer returns for Ctrl-C (128 + SIGINT).
+INTERRUPTED = 130
 
 
 class CrossStitchGroup(TyperGroup):
@@ -45,6 +68,9 @@ class CrossStitchGroup(TyperGroup):
     ) -> NoReturn:
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         with warnings.catch_warnings():
             if not debug:
@@ -60,62 +86,131 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 def _run(main: Any, args: list[str], prog_name: str | None, debug: bool, **extra: Any) -> int:
     try:
         result = main(args, prog_name or "crossstitch", standalone_mode=False, **extra)
-    except NoArgsIsHelpError as exc:
-        exc.show()
-        return exc.exit_code
-    except UsageError as exc:
-        hint = f"Try '{exc.ctx.command_path} --help' for help." if exc.ctx else None
-        render.error(_usage_message(exc), hint)
-        return exc.exit_code
-    except ClickException as exc:
-        render.error(exc.format_message())
-        return exc.exit_code
     except CrossStitchError as exc:
         if debug:
             traceback.print_exc()
-        render.error(str(exc))
+        render.error(library_message(exc))
         return 2
     except ExportFailed as exc:
         if debug:
             traceback.print_exc()
         render.error(str(exc), "Rerun with --debug for the exporter's log and traceback.")
         return 1
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        if exc.errno in WRITE_FAILURES:
+            render.error(
+                f"writing failed: {exc.strerror or exc}; every file written before is untouched "
+                "and no partial file was left"
+            )
+            return 1
+        render.error(f"{exc.strerror or first_line(exc)}: {exc.filename or ''}".rstrip(": "))
+        return 2
     except Exception as exc:
+        problem = usage_error(exc)
+        if problem is not None:
+            greedy = greedy_tasks(args) if "'ARCH'" in problem.message else None
+            render.error(greedy or problem.message, problem.hint)
+            return problem.exit_code
         if debug:
             traceback.print_exc()
         render.error(
-            f"{type(exc).__name__}: {exc}".splitlines()[0],
+            f"{type(exc).__name__}: {first_line(exc)}",
             "This is a failure inside crossstitch or a library; rerun with --debug for details.",
         )
         return 1
+    if result == INTERRUPTED:
+        render.error("interrupted; files written before are untouched, nothing partial was left")
     return result if isinstance(result, int) else 0
 
 
-def _usage_message(exc: UsageError) -> str:
-    """Typer's message, with the value that failed to convert when Typer knows it."""
-    message = exc.format_message()
-    errors = getattr(exc.__cause__, "errors", None)
-    inputs = [e["input"] for e in errors() if "input" in e] if callable(errors) else []
-    return f"{message.rstrip('.')} (got {inputs[0]!r})" if inputs else message
+def greedy_tasks(args: list[str]) -> str | None:
+    """The message for ``build --tasks a b resnet18``: ``--tasks`` took the architecture."""
+    named = any(a.split("=", 1)[0] in ("--tasks", "-t") for a in args)
+    if len(args) < 2 or args[0] not in ("build", "bench") or not named:
+        return None
+    archs = [a for a in args[1:] if a in architectures()]
+    if not archs or args[1] == archs[0]:
+        return None
+    tasks = [a for a in dict.fromkeys(args[1:]) if not a.startswith("-") and a not in archs]
+    return (
+        f"--tasks took {archs[0]!r} as a task name, so ARCH is missing; put the architecture "
+        f"first: crossstitch {args[0]} {archs[0]} --tasks {' '.join(tasks)}"
+    )
+
+
+def library_message(exc: CrossStitchError) -> str:
+    """The library's message with its parameter replaced by the option that sets it."""
+    param = (exc.param or "").split("[", 1)[0]
+    option = OPTIONS.get(param)
+    if option is None:
+        return str(exc)
+    return f"{option}{exc.param[len(param) :]}: {exc.detail}"
 
 
 app = typer.Typer(
     cls=CrossStitchGroup,
     name="crossstitch",
     help="Build, inspect, verify and export cross-stitch multi-task networks.",
-    no_args_is_help=True,
-    add_completion=False,
+    invoke_without_command=True,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
+
+class Format(str, Enum):
+    """The export formats, and all of them."""
+
+    onnx = "onnx"
+    torchscript = "torchscript"
+    pt2 = "pt2"
+    all = "all"
+
+
+class Granularity(str, Enum):
+    """One unit weight per channel, or one per task pair."""
+
+    channel = "channel"
+    layer = "layer"
+
+
+class Features(str, Enum):
+    """Each task's last output, or every stitched stage's features too."""
+
+    last = "last"
+    all = "all"
+
+
+class OutputStride(str, Enum):
+    """The total stride of the last stage."""
+
+    s32 = "32"
+    s16 = "16"
+    s8 = "8"
+
+
+FLAG = ""  # the metavar of a flag: it takes no value
+MAX_SEED = 2**63 - 1
 JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print a machine-readable result on stdout, nothing else.")
+    bool,
+    typer.Option(
+        "--json", metavar=FLAG, help="Print a machine-readable result on stdout, nothing else."
+    ),
 ]
-AtolOption = Annotated[float | None, typer.Option(help="Absolute tolerance [default: per format].")]
-RtolOption = Annotated[float | None, typer.Option(help="Relative tolerance [default: per format].")]
+AtolOption = Annotated[
+    float | None,
+    typer.Option(min=0.0, show_default="per format", help="Absolute tolerance."),
+]
+RtolOption = Annotated[
+    float | None,
+    typer.Option(min=0.0, show_default="per format", help="Relative tolerance."),
+]
 DebugOption = Annotated[
-    bool, typer.Option("--debug", help="Show tracebacks and library warnings on failure.")
+    bool,
+    typer.Option("--debug", metavar=FLAG, help="Show tracebacks and library warnings on failure."),
 ]
+SIZE_HELP = "SIZE, or HEIGHT WIDTH, from 1 to 65536"
 
 
 def _show_version(value: bool) -> None:
@@ -126,6 +221,7 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option(
@@ -134,26 +230,24 @@ def root(
     ] = False,
 ) -> None:
     """Build, inspect, verify and export cross-stitch multi-task networks."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
 
 
 def _input_size(values: list[int]) -> tuple[int, int]:
-    if len(values) not in (1, 2) or any(v < 1 for v in values):
+    from crossstitch.config import MAX_INPUT_SIZE
+
+    if len(values) not in (1, 2) or any(not 1 <= v <= MAX_INPUT_SIZE for v in values):
         given = " ".join(map(str, values))
         raise CrossStitchError(
-            f"--input-size takes one or two positive integers (SIZE or HEIGHT WIDTH), got {given}"
+            f"--input-size takes one or two integers from 1 to {MAX_INPUT_SIZE} (SIZE or HEIGHT "
+            f"WIDTH), got {given}"
         )
     return (values[0], values[-1])
 
 
-MAX_SEED = 2**63 - 1
 DEFAULT_SIZE = 224
 BENCH_SIZE = 128
-
-
-def _seed(value: int) -> int:
-    if not 0 <= value <= MAX_SEED:
-        raise CrossStitchError(f"--seed must be between 0 and {MAX_SEED}, got {value}")
-    return value
 
 
 def _task_pairs(option: str, metavar: str, values: list[str]) -> dict[str, str]:
@@ -172,9 +266,10 @@ def _task_pairs(option: str, metavar: str, values: list[str]) -> dict[str, str]:
 def _heads(values: list[str]) -> dict[str, int]:
     heads = _task_pairs("--head", "CHANNELS", values)
     for task, channels in heads.items():
-        if not channels.isdigit() or int(channels) < 1:
+        if not channels.isdigit() or not 1 <= int(channels) <= 2**31 - 1:
             raise CrossStitchError(
-                f"--head {task}={channels}: CHANNELS must be a positive integer, got '{channels}'"
+                f"--head {task}={channels}: CHANNELS must be an integer from 1 to 2147483647, "
+                f"got '{channels}'"
             )
     return {task: int(channels) for task, channels in heads.items()}
 
@@ -198,7 +293,8 @@ def build(
     weights: Annotated[
         str,
         typer.Option(
-            help="torchvision weights for every task: DEFAULT, IMAGENET1K_V1, ... or none."
+            help="torchvision weights for every task: DEFAULT, IMAGENET1K_V1, ... (see "
+            "`crossstitch list`) or none."
         ),
     ] = "none",
     weights_file: Annotated[
@@ -226,106 +322,127 @@ def build(
     beta: Annotated[
         float | None,
         typer.Option(
-            help="Initial weight of the other tasks' features [default: (1-alpha)/(T-1)]."
+            show_default="(1-alpha)/(T-1)", help="Initial weight of the other tasks' features."
         ),
     ] = None,
     granularity: Annotated[
-        str, typer.Option(help="channel (one weight per channel) or layer (one per task pair).")
-    ] = "channel",
+        Granularity,
+        typer.Option(help="One unit weight per channel, or one per task pair."),
+    ] = Granularity.channel,
     stages: Annotated[
         list[str] | None,
-        typer.Option(help="Stages to stitch after: all, or names such as layer1,layer3."),
+        typer.Option(
+            show_default="all", help="Stages to stitch after: all, or names such as layer1,layer3."
+        ),
     ] = None,
     output_stride: Annotated[
-        int,
+        OutputStride,
         typer.Option(
-            help="Total stride of the last stage: 32, or 16 or 8 by dilating the last stages "
-            "(ResNet family only)."
+            help="Total stride of the last stage: 16 or 8 dilate the last stages (ResNet family "
+            "only)."
         ),
-    ] = 32,
+    ] = OutputStride.s32,
     features: Annotated[
-        str,
+        Features,
         typer.Option(
-            help="Outputs: last (each task's last stage or head) or all (every stitched stage, "
-            "named TASK.STAGE, plus each head)."
+            help="Outputs: each task's last stage or head, or all: every stitched stage, named "
+            "TASK.STAGE, plus each head."
         ),
-    ] = "last",
+    ] = Features.last,
     input_size: Annotated[
         list[int] | None,
         typer.Option(
             metavar="SIZE|H W",
-            help="Input size for the summary's feature sizes [default: 224, or the size a "
-            "fixed-size model takes].",
+            min=1,
+            max=65536,
+            show_default="224, or the size a fixed-size model takes",
+            help=f"Input size for the summary's feature sizes: {SIZE_HELP}.",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Random seed for the initial weights.")
+    ] = 0,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Checkpoint file to write.")
     ] = Path("crossstitch.pt"),
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", metavar=FLAG, help="Replace the checkpoint if it exists (atomically)."
+        ),
+    ] = False,
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Build a cross-stitch network, print its stages and save the checkpoint."""
     from crossstitch.files import check_output_path
 
-    check_output_path(output)
+    pairs = _task_pairs("--task-weights", "PATH", task_weights or [])
+    reads = [p for p in (weights_file, *pairs.values()) if p]
+    check_output_path(output, reads=reads)
+    if weights_file is not None and weights.lower() != "none":
+        raise CrossStitchError("give either --weights or --weights-file, not both")
     size = _input_size(input_size) if input_size else None
-    seed = _seed(seed)
     spec = arch_spec(arch)
     if size and weights == "none":
-        check_fixed_size(spec.name, spec.input_size, size, "--input-size")
+        check_fixed_size(spec.name, spec.input_size, size)
+
+    import dataclasses
 
     import torch
 
+    from crossstitch.backbone import build as build_model
+    from crossstitch.backbone import torchvision_config
     from crossstitch.checkpoint import save
+    from crossstitch.memory import check_build
     from crossstitch.summary import summarize
 
-    stitched = split_commas(stages or ["all"])
-    options = dict(
+    config = torchvision_config(
+        spec.name,
         tasks=split_commas(tasks),
-        weights=weights,
+        weights=weights_file or weights,
         alpha=alpha,
         beta=beta,
-        granularity=granularity,
-        stages=stitched,
-        task_weights=_task_pairs("--task-weights", "PATH", task_weights or []),
-        weights_file=str(weights_file) if weights_file else None,
+        granularity=granularity.value,
+        stages=split_commas(stages or ["all"]),
+        task_weights=pairs,
         heads=_heads(head or []),
-        output_stride=output_stride,
-        features=features,
+        output_stride=int(output_stride.value),
+        features=features.value,
     )
+    if output.exists() and not force:
+        raise CrossStitchError(f"{output} exists; pass --force to replace it, or choose -o PATH")
+    check_build(config)
     torch.manual_seed(seed)
     with render.working(f"Building {spec.name}", quiet=json_output):
-        model = crossstitch.CrossStitchBackbone.from_torchvision(spec.name, **options)
-        model.config["seed"] = seed
+        model = build_model(config)
+        model.config = dataclasses.replace(model.config, seed=seed)
         size = size or (model.input_size or DEFAULT_SIZE,) * 2
         model.check_input_size(size)
         summary = summarize(model, size)
         save(model, output)
     if json_output:
-        render.emit_json({"output": str(output), "config": model.config, "summary": summary})
+        render.emit_json(
+            {"output": str(output), "config": model.config.to_dict(), "summary": summary}
+        )
     else:
-        render.build_summary(summary, str(output), seed)
-
-
-FORMAT_CHOICES = ("onnx", "torchscript", "pt2", "all")
+        render.build_summary(summary, str(output))
 
 
 def _tolerance(name: str, value: float | None) -> float | None:
+    """``min=0`` lets NaN and infinity through (they compare false); refuse them here."""
     if value is not None and not (math.isfinite(value) and value >= 0):
         raise CrossStitchError(f"--{name} must be a finite number >= 0, got {value}")
     return value
 
 
-def _formats(value: str) -> list[str]:
-    if value not in FORMAT_CHOICES:
-        raise CrossStitchError(f"unknown format '{value}'; use one of: {', '.join(FORMAT_CHOICES)}")
-    return list(FORMAT_CHOICES[:-1]) if value == "all" else [value]
+def _formats(fmt: Format) -> list[str]:
+    return [f.value for f in Format if f is not Format.all] if fmt is Format.all else [fmt.value]
 
 
 @app.command()
 def export(
-    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript, pt2 or all.")],
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="The format, or all three.")],
     model_path: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to export.")] = Path(
         "crossstitch.pt"
     ),
@@ -340,35 +457,50 @@ def export(
     ] = None,
     opset: Annotated[
         int | None,
-        typer.Option(help="ONNX opset [default: the newest the installed onnxruntime runs]."),
+        typer.Option(
+            show_default="the newest the installed onnxruntime runs",
+            help="ONNX opset, at least 18.",
+        ),
     ] = None,
     static: Annotated[
-        bool, typer.Option("--static", help="Fix batch, height and width to the export input.")
+        bool,
+        typer.Option(
+            "--static", metavar=FLAG, help="Fix batch, height and width to the export input."
+        ),
     ] = False,
     input_size: Annotated[
         list[int] | None,
         typer.Option(
             metavar="SIZE|H W",
-            help="Example input size for the export [default: 224, or the size a fixed-size "
-            "model takes].",
+            min=1,
+            max=65536,
+            show_default="224, or the size a fixed-size model takes",
+            help=f"Example input size for the export: {SIZE_HELP}.",
         ),
     ] = None,
     no_verify: Annotated[
-        bool, typer.Option("--no-verify", help="Skip verifying the artifact with its runtime.")
+        bool,
+        typer.Option(
+            "--no-verify", metavar=FLAG, help="Skip verifying the artifact with its runtime."
+        ),
     ] = False,
     atol: AtolOption = None,
     rtol: RtolOption = None,
     keep_failed: Annotated[
-        bool, typer.Option("--keep-failed", help="Write the artifact even if verification fails.")
+        bool,
+        typer.Option(
+            "--keep-failed", metavar=FLAG, help="Write the artifact even if verification fails."
+        ),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the verification inputs.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of the verification inputs.")
+    ] = 0,
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Export a checkpoint to ONNX, TorchScript and/or pt2, verifying each artifact."""
     formats = _formats(fmt)
     size = _input_size(input_size) if input_size else None
-    seed = _seed(seed)
     atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
 
     from crossstitch.checkpoint import load
@@ -377,21 +509,23 @@ def export(
     from crossstitch.exporters.formats import FORMATS, default_path
     from crossstitch.exporters.pipeline import export_verified
     from crossstitch.files import check_output_path
+    from crossstitch.summary import probe_or_refuse
 
     if opset is not None and not onnx.MIN_OPSET <= opset <= onnx.newest_opset():
         raise CrossStitchError(
             f"--opset {opset} is not supported; use {onnx.MIN_OPSET} to {onnx.newest_opset()}"
         )
-    if fmt == "all" and output is not None:
+    if fmt is Format.all and output is not None:
         destinations = {f: output.with_name(output.name + FORMATS[f].SUFFIX) for f in formats}
     else:
         destinations = {f: output or default_path(model_path, f) for f in formats}
     for destination in destinations.values():
-        check_output_path(destination)
+        check_output_path(destination, reads=[model_path])
     with render.working(f"Loading {model_path}", quiet=json_output):
         model = load(model_path)
     size = size or (model.input_size or DEFAULT_SIZE,) * 2
     model.check_input_size(size)
+    probe_or_refuse(model, size)
     results = []
     for name, destination in destinations.items():
         with render.working(f"Exporting {name} to {destination}", quiet=json_output):
@@ -430,23 +564,31 @@ def verify(
         ),
     ] = None,
     batch: Annotated[
-        int | None, typer.Option(help="Batch size of the inputs [default: 3].")
+        int | None,
+        typer.Option(
+            min=1, show_default="3, or one more than the export's", help="Batch size of the inputs."
+        ),
     ] = None,
     input_size: Annotated[
         list[int] | None,
-        typer.Option(metavar="SIZE|H W", help="Input size [default: export size + (32, 64)]."),
+        typer.Option(
+            metavar="SIZE|H W",
+            min=1,
+            max=65536,
+            show_default="256 288; for an artifact its export size + (32, 64)",
+            help=f"Input size: {SIZE_HELP}.",
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random inputs (reported).")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of the random inputs (reported).")
+    ] = 0,
     atol: AtolOption = None,
     rtol: RtolOption = None,
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Check a checkpoint against the reference, or an artifact against its checkpoint."""
-    if batch is not None and batch < 1:
-        raise CrossStitchError(f"--batch must be a positive integer, got {batch}")
     size = _input_size(input_size) if input_size else None
-    seed = _seed(seed)
     atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
 
     from crossstitch.checkpoint import load
@@ -459,7 +601,7 @@ def verify(
     )
     from crossstitch.memory import check_fits
     from crossstitch.reference import check_parity
-    from crossstitch.summary import activation_bytes
+    from crossstitch.summary import activation_bytes, probe_or_refuse
 
     kind = detect(path)
     if kind == CHECKPOINT:
@@ -474,6 +616,7 @@ def verify(
             model.check_input_size(size)
         height, width = size or ((model.input_size,) * 2 if model.input_size else (256, 288))
         inputs = Inputs(batch or 3, height, width, seed)
+        probe_or_refuse(model, (height, width))
         check_fits(
             2 * activation_bytes(model, inputs.batch, (height, width), training=False),
             f"verifying on a {inputs.batch}x3x{height}x{width} input",
@@ -504,9 +647,9 @@ def verify(
         with render.working(f"Loading {path} and {checkpoint}", quiet=json_output):
             artifact = module.load(path)
             model = load(checkpoint)
-        inputs = verification_inputs(artifact.config, seed)
+        inputs = verification_inputs(artifact.export, seed)
         if size:
-            check_artifact_size(artifact.config, path, size)
+            check_artifact_size(artifact, path, size)
         if batch or size:
             height, width = size or (inputs.height, inputs.width)
             inputs = Inputs(batch or inputs.batch, height, width, seed)
@@ -555,29 +698,39 @@ def bench(
             "[default: crossstitch.pt when no ARCH is given].",
         ),
     ] = None,
-    batch: Annotated[int, typer.Option(help="Batch size.")] = 4,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size.")] = 4,
     input_size: Annotated[
         list[int] | None,
         typer.Option(
             metavar="SIZE|H W",
-            help="Input size [default: 128, or the size a fixed-size model takes].",
+            min=1,
+            max=65536,
+            show_default="128, or the size a fixed-size model takes",
+            help=f"Input size: {SIZE_HELP}.",
         ),
     ] = None,
-    runs: Annotated[int, typer.Option(help="Timed calls per variant.")] = 10,
+    runs: Annotated[int, typer.Option(min=1, help="Timed calls per variant.")] = 10,
     threads: Annotated[
-        int | None, typer.Option(help="CPU threads for torch and onnxruntime [default: torch's].")
+        int | None,
+        typer.Option(min=1, show_default="torch's", help="CPU threads for torch and onnxruntime."),
     ] = None,
     training: Annotated[
         bool, typer.Option("--training/--no-training", help="Also time a training step.")
     ] = True,
+    compiled: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            metavar=FLAG,
+            help="Also time the model and the bare backbones under torch.compile(fullgraph=True); "
+            "compile times are reported apart.",
+        ),
+    ] = False,
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Time the model against its bare backbones and its exported artifacts."""
     size = _input_size(input_size) if input_size else None
-    for name, value in (("batch", batch), ("runs", runs), ("threads", threads)):
-        if value is not None and value < 1:
-            raise CrossStitchError(f"--{name} must be a positive integer, got {value}")
     if arch is not None and model_path is not None:
         raise CrossStitchError("give either ARCH (with --tasks) or --model, not both")
     if arch is None and tasks:
@@ -588,22 +741,28 @@ def bench(
 
     import torch
 
+    from crossstitch.backbone import build as build_model
+    from crossstitch.backbone import torchvision_config
     from crossstitch.checkpoint import load
     from crossstitch.exporters.bench import artifacts_beside, run_bench
+    from crossstitch.memory import check_build
 
     if spec is not None:
+        config = torchvision_config(spec.name, tasks=split_commas(tasks))
+        check_build(config)
         torch.manual_seed(0)
         with render.working(f"Building {spec.name}", quiet=json_output):
-            model = crossstitch.CrossStitchBackbone.from_torchvision(spec.name, split_commas(tasks))
-        artifacts = {}
+            model = build_model(config)
+        artifacts, skipped = {}, []
     else:
         model_path = model_path or Path("crossstitch.pt")
         with render.working(f"Loading {model_path}", quiet=json_output):
             model = load(model_path)
-        artifacts = artifacts_beside(model_path)
+        artifacts, skipped = artifacts_beside(model, model_path, threads or torch.get_num_threads())
     size = size or (model.input_size or BENCH_SIZE,) * 2
     model.check_input_size(size)
-    with render.working("Timing", quiet=json_output):
+    rounds = f"{runs} rounds, inference{' and training' if training else ''}"
+    with render.working(f"Timing {rounds}", quiet=json_output):
         result = run_bench(
             model,
             batch,
@@ -612,11 +771,12 @@ def bench(
             threads or torch.get_num_threads(),
             artifacts=artifacts,
             training=training,
+            compiled=compiled,
         )
     if json_output:
-        render.emit_json(render.bench_payload(result))
+        render.emit_json({**render.bench_payload(result), "skipped_artifacts": skipped})
     else:
-        render.bench_table(result)
+        render.bench_table(result, skipped)
 
 
 @app.command(name="inspect")
@@ -642,8 +802,7 @@ def inspect_model(
     if kind == CHECKPOINT:
         report = inspect_checkpoint(path)
     elif kind == onnx.NAME:
-        config, weights = onnx.read_unit_weights(path)
-        report = describe(config, weights, path)
+        report = describe(*onnx.read_unit_weights(path), path)
     else:
         raise CrossStitchError(
             f"{path} is a {kind} artifact; inspect reads checkpoints and ONNX files: "

@@ -1,7 +1,7 @@
 """Multi-value options in the shell's natural form, before Typer parses the command line.
 
 ``--tasks seg depth`` is rewritten to ``--tasks seg --tasks depth`` (click options take one
-value per occurrence), so all three forms of DESIGN §5 reach the command as one list.
+value per occurrence), so the three forms of `--tasks` reach the command as one list.
 """
 
 from __future__ import annotations

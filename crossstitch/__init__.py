@@ -15,6 +15,7 @@ _EXPORTS = {
     "CrossStitchUnit": "crossstitch.units",
     "DenseHead": "crossstitch.heads",
     "CrossStitchError": "crossstitch.errors",
+    "CrossStitchConfig": "crossstitch.config",
     "StageInfo": "crossstitch.stages",
     "save": "crossstitch.checkpoint",
     "load": "crossstitch.checkpoint",

@@ -3,67 +3,32 @@
 from __future__ import annotations
 
 import copy
-import re
-from collections.abc import Mapping, Sequence
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from crossstitch.config import CrossStitchConfig, check_tasks
 from crossstitch.dilation import apply_output_stride, check_output_stride
 from crossstitch.errors import CrossStitchError
-from crossstitch.families import (
-    Split,
-    channel_dim,
-    family_of,
-    nominal_reduction,
-    resolution,
-)
+from crossstitch.families import Split, channel_dim, family_of, nominal_reduction, resolution
 from crossstitch.heads import build_heads, check_heads, head_output
-from crossstitch.memory import build_bytes, check_fits
+from crossstitch.shapes import meta_forward, meta_images
 from crossstitch.stages import StageInfo, arch_spec, check_fixed_size, check_head_layout
-from crossstitch.units import GRANULARITIES, CrossStitchUnit, check_init, default_beta
-from crossstitch.weights import apply_state, build_classifier, load_state_file, resolve_weights
+from crossstitch.units import CrossStitchUnit
+from crossstitch.weights import (
+    Weights,
+    apply_state,
+    build_classifier,
+    load_state_file,
+    resolve_weights,
+)
 
-TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 PROBE_SIZE = 224
-FEATURES = ("last", "all")
-
-
-def check_tasks(tasks: Sequence[str]) -> list[str]:
-    """Task names must be at least two, distinct, and usable as ONNX output names."""
-    tasks = list(tasks)
-    if len(tasks) < 2:
-        raise CrossStitchError(
-            f"a cross-stitch network needs at least two tasks, got {len(tasks)}: {tasks}"
-        )
-    duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
-    if duplicates:
-        raise CrossStitchError(f"task names must be distinct; repeated: {', '.join(duplicates)}")
-    reserved = nn.ModuleDict()
-    for task in tasks:
-        if not TASK_NAME.match(task):
-            raise CrossStitchError(
-                f"invalid task name '{task}': use letters, digits, '_' and '-', "
-                "not starting with a digit or '-'"
-            )
-        if hasattr(reserved, task):
-            raise CrossStitchError(f"task name '{task}' is reserved by torch.nn.Module; rename it")
-    return tasks
-
-
-def check_granularity(granularity: str) -> None:
-    """Refuse anything but the two granularities."""
-    if granularity not in GRANULARITIES:
-        raise CrossStitchError(
-            f"unknown granularity '{granularity}'; use one of: {', '.join(GRANULARITIES)}"
-        )
-
-
-def check_features(features: str) -> None:
-    """Refuse anything but the two kinds of output: the last stage's features, or all stitched."""
-    if features not in FEATURES:
-        raise CrossStitchError(f"unknown features '{features}'; use one of: {', '.join(FEATURES)}")
+# Recombines the task features after one stage: ``stitch(stage, {task: features})``.
+Stitch = Callable[[str, dict[str, Tensor]], dict[str, Tensor]]
 
 
 def stage_output(task: str, stage: str) -> str:
@@ -71,20 +36,23 @@ def stage_output(task: str, stage: str) -> str:
     return f"{task}.{stage}"
 
 
-def select_stages(available: Sequence[str], stages: Sequence[str] | str | None) -> list[str]:
+def select_stages(available: Sequence[str], stages: Sequence[str] | str | None) -> tuple[str, ...]:
     """The stitched stages in network order; ``None`` or ``"all"`` mean every stage."""
     if stages is None or stages == "all" or list(stages) == ["all"]:
-        return list(available)
+        return tuple(available)
     requested = [stages] if isinstance(stages, str) else list(stages)
-    unknown = [s for s in requested if s not in available]
+    unknown = [str(s) for s in requested if s not in available]
     if unknown:
         raise CrossStitchError(
-            f"unknown stage {', '.join(repr(s) for s in unknown)}; "
-            f"stages are: {', '.join(available)} (or all)"
+            f"unknown stage {', '.join(map(repr, unknown))}; stages are: {', '.join(available)} "
+            "(or all)",
+            param="stages",
         )
     if not requested:
-        raise CrossStitchError(f"choose at least one stage to stitch from: {', '.join(available)}")
-    return [s for s in available if s in requested]
+        raise CrossStitchError(
+            f"choose at least one stage to stitch from: {', '.join(available)}", param="stages"
+        )
+    return tuple(s for s in available if s in requested)
 
 
 class TaskBackbone(nn.Module):
@@ -103,25 +71,16 @@ class TaskBackbone(nn.Module):
 
 
 def probe_shapes(backbone: TaskBackbone, input_size: tuple[int, int]) -> dict[str, torch.Size]:
-    """Output shape of each stage for a batch of ``input_size`` images, on the meta device.
-
-    No memory is allocated and no weight is touched, so this is cheap for any model size. The
-    batch is 2 so that batch norm in training mode accepts 1x1 features.
-    """
-    meta = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in [*backbone.named_parameters(), *backbone.named_buffers()]
-    }
-    x = torch.empty(2, 3, *input_size, device="meta")
-    x = functional_call(backbone.stem, _prefixed(meta, "stem."), (x,))
+    """Output shape of each stage for a batch of ``input_size`` images, on the meta device."""
+    x = meta_forward(backbone.stem, meta_images(input_size))
     shapes = {}
     for name, stage in backbone.stages.items():
-        x = functional_call(stage, _prefixed(meta, f"stages.{name}."), (x,))
+        x = meta_forward(stage, x)
         shapes[name] = x.shape
     return shapes
 
 
-def stage_infos(shapes: dict[str, torch.Size], size: int, layout: str) -> list[StageInfo]:
+def stage_infos(shapes: Mapping[str, torch.Size], size: int, layout: str) -> list[StageInfo]:
     """Each stage's name, channels and reduction, from its output shape at a ``size`` input."""
     return [
         StageInfo(
@@ -131,10 +90,6 @@ def stage_infos(shapes: dict[str, torch.Size], size: int, layout: str) -> list[S
         )
         for name, shape in shapes.items()
     ]
-
-
-def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 class CrossStitchBackbone(nn.Module):
@@ -147,14 +102,15 @@ class CrossStitchBackbone(nn.Module):
 
     ``heads`` maps a task to its head: a number of output channels builds a ``DenseHead``, an
     ``nn.Module`` is used as given (it maps ``[N, C, h, w]`` features to ``[N, C', h, w]``).
-
     ``features="all"`` returns instead every stitched stage's features of every task under
     ``"<task>.<stage>"``, plus each head's output under ``"<task>"``; see ``output_names``.
+    ``model.config`` is the frozen ``CrossStitchConfig`` that describes the model.
     """
 
     def __init__(
         self,
         models: Mapping[str, nn.Module],
+        *,
         alpha: float = 0.9,
         beta: float | None = None,
         granularity: str = "channel",
@@ -163,11 +119,12 @@ class CrossStitchBackbone(nn.Module):
         features: str = "last",
     ) -> None:
         super().__init__()
-        self.tasks = check_tasks(list(models))
-        check_granularity(granularity)
-        check_features(features)
-        check_init(alpha, beta)
-        heads = check_heads(heads, self.tasks)
+        if not isinstance(models, Mapping):
+            raise CrossStitchError(
+                f"must map task names to models, got {type(models).__name__}", param="models"
+            )
+        tasks = check_tasks(list(models))
+        heads = check_heads(heads, tasks)
         families = {family_of(m) for m in models.values()}
         if len(families) > 1:
             names = sorted(f.name for f in families)
@@ -175,38 +132,43 @@ class CrossStitchBackbone(nn.Module):
         (family,) = families
         if heads:
             check_head_layout(family.name, family.layout)
+        config = CrossStitchConfig(
+            arch=None,
+            family=family.name,
+            tasks=tasks,
+            alpha=alpha,
+            beta=beta,
+            granularity=granularity,
+            heads={t: h for t, h in heads.items() if isinstance(h, int)},
+            features=features,
+            input_size=family.fixed_size(next(iter(models.values()))),
+        )
+        self.tasks = list(tasks)
         self.layout = family.layout
         self.channel_dim = family.channel_dim
-        self.input_size = family.fixed_size(next(iter(models.values())))
+        self.input_size = config.input_size
+        self.features = config.features
         self.backbones = nn.ModuleDict(
             {task: TaskBackbone(family.split(model)) for task, model in models.items()}
         )
         self.stages = self._stage_info(self.input_size or PROBE_SIZE)
         stitched = select_stages([s.name for s in self.stages], stages)
-        beta = default_beta(alpha, len(self.tasks)) if beta is None else beta
         self.cross_stitch = nn.ModuleDict(
             {
                 s.name: CrossStitchUnit(
-                    self.tasks, s.channels, granularity, alpha, beta, self.channel_dim
+                    self.tasks,
+                    s.channels,
+                    granularity=config.granularity,
+                    alpha=config.alpha,
+                    beta=config.beta,
+                    channel_dim=self.channel_dim,
                 )
                 for s in self.stages
                 if s.name in stitched
             }
         )
         self.heads = build_heads(heads, self.stages[-1].channels)
-        self.features = features
-        self.config: dict = {
-            "arch": None,
-            "family": family.name,
-            "tasks": list(self.tasks),
-            "alpha": float(alpha),
-            "beta": float(beta),
-            "granularity": granularity,
-            "stages": stitched,
-            "heads": {task: head for task, head in heads.items() if isinstance(head, int)},
-            "input_size": self.input_size,
-            "features": features,
-        }
+        self.config = dataclasses.replace(config, stages=stitched)
 
     @property
     def output_names(self) -> list[str]:
@@ -219,10 +181,9 @@ class CrossStitchBackbone(nn.Module):
                 names.append(task)
         return names
 
-    def check_input_size(self, size: Sequence[int], option: str = "--input-size") -> None:
+    def check_input_size(self, size: Sequence[int]) -> None:
         """Refuse an input size that a fixed-size model (ViT, MaxViT) cannot take."""
-        name = self.config.get("arch") or self.config["family"]
-        check_fixed_size(name, self.input_size, tuple(size), option)
+        check_fixed_size(self.config.arch or self.config.family, self.input_size, tuple(size))
 
     def smallest_export_size(self, at_least: int = 32) -> int:
         """The smallest square input, a multiple of 32 from ``at_least`` up, at which every stage
@@ -248,8 +209,9 @@ class CrossStitchBackbone(nn.Module):
         for task, shapes in per_task.items():
             if shapes != first:
                 raise CrossStitchError(
-                    f"the backbone of task '{task}' has other stage shapes than that of "
-                    f"'{self.tasks[0]}'; cross-stitching needs identical architectures"
+                    f"the backbone of task {task!r} has other stage shapes than that of "
+                    f"{self.tasks[0]!r}; cross-stitching needs identical architectures",
+                    param="models",
                 )
         return stage_infos(first, size, self.layout)
 
@@ -257,87 +219,56 @@ class CrossStitchBackbone(nn.Module):
     def from_torchvision(
         cls,
         arch: str,
+        *,
         tasks: Sequence[str],
-        weights: str | None = None,
+        weights: Weights = None,
         alpha: float = 0.9,
         beta: float | None = None,
         granularity: str = "channel",
         stages: Sequence[str] | str | None = None,
-        task_weights: Mapping[str, str] | None = None,
-        weights_file: str | None = None,
+        task_weights: Mapping[str, str | os.PathLike[str]] | None = None,
         heads: Mapping[str, int | nn.Module] | None = None,
         output_stride: int = 32,
         features: str = "last",
-        load_weights: bool = True,
     ) -> CrossStitchBackbone:
         """Build from a torchvision architecture name, one copy of the network per task.
 
-        ``weights`` names torchvision weights (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...) for all
-        tasks, ``weights_file`` a classifier state_dict file for all tasks, and
-        ``task_weights`` per-task state_dict files (single-task checkpoints) applied on top.
-        ``heads`` attaches a head to some tasks and ``features`` chooses the outputs (see the
-        class). ``output_stride`` 16 or 8 dilates the last stages instead of striding (ResNet
-        family only). ``load_weights=False`` builds the network that ``weights`` imply without
-        loading them, as ``crossstitch.load`` does before loading its own. All options are
-        checked before anything is built.
+        ``weights`` gives every task the same start: torchvision weights by name
+        (``"DEFAULT"``, ``"IMAGENET1K_V1"``) or enum (``ResNet50_Weights.DEFAULT``), or a
+        classifier state_dict file as a ``pathlib.Path``. ``task_weights`` maps tasks to
+        single-task state_dict files applied on top. ``output_stride`` 16 or 8 dilates the last
+        stages instead of striding (ResNet family only). Every option is checked before
+        anything is built; memory is not (see ``crossstitch.memory.check_build``).
         """
-        spec = arch_spec(arch)
-        tasks = check_tasks(tasks)
-        check_granularity(granularity)
-        check_features(features)
-        check_output_stride(arch, spec.family, output_stride)
-        check_init(alpha, beta)
-        if check_heads(heads, tasks):
-            check_head_layout(arch, spec.layout)
-        select_stages([s.name for s in spec.stages], stages)
-        weights = resolve_weights(arch, weights)
-        task_weights = dict(task_weights or {})
-        unknown = [t for t in task_weights if t not in tasks]
-        if unknown:
-            raise CrossStitchError(
-                f"task weights given for unknown task {', '.join(unknown)}; "
-                f"tasks are {', '.join(tasks)}"
-            )
-        check_fits(build_bytes(arch, len(tasks)), f"building {arch} with {len(tasks)} tasks")
-        states = {task: load_state_file(path) for task, path in task_weights.items()}
-        shared_state = load_state_file(weights_file) if weights_file else None
-
-        base = build_classifier(arch, weights, load=load_weights)
-        head = family_of(base).head
-        if shared_state is not None:
-            apply_state(base, shared_state, head, f"weights file {weights_file}")
-        apply_output_stride(base, spec.family, output_stride)
-        models = {task: copy.deepcopy(base) for task in tasks[:-1]}
-        models[tasks[-1]] = base
-        for task, state in states.items():
-            apply_state(models[task], state, head, f"task weights {task_weights[task]}")
-        model = cls(
-            models,
+        modules = {t: h for t, h in (heads or {}).items() if isinstance(h, nn.Module)}
+        config = torchvision_config(
+            arch,
+            tasks=tasks,
+            weights=weights,
             alpha=alpha,
             beta=beta,
             granularity=granularity,
             stages=stages,
+            task_weights=task_weights,
             heads=heads,
+            output_stride=output_stride,
             features=features,
         )
-        model.config.update(
-            arch=arch,
-            output_stride=output_stride,
-            weights=weights,
-            weights_file=str(weights_file) if weights_file else None,
-            task_weights={t: str(p) for t, p in task_weights.items()},
-        )
-        return model
+        return build(config, head_modules=modules)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def run(self, x: Tensor, stitch: Stitch | None) -> dict[str, Tensor]:
+        """Every task's network stage by stage on ``x``; ``stitch`` recombines the features after
+        each stitched stage (``None``: the bare backbones). The one stage loop behind ``forward``,
+        the reference formulation and the benchmark's baseline.
+        """
         feats = {task: backbone.stem(x) for task, backbone in self.backbones.items()}
         stitched = {}
         for name in self.backbones[self.tasks[0]].stages:
             feats = {task: net.stages[name](feats[task]) for task, net in self.backbones.items()}
             if name in self.cross_stitch:
-                feats = self.cross_stitch[name](feats, reuse_inputs=True)
-                if self.features == "all":
-                    stitched[name] = feats
+                if stitch is not None:
+                    feats = stitch(name, feats)
+                stitched[name] = feats
         size = x.shape[-2:]
         out = {}
         for task in self.tasks:
@@ -348,3 +279,102 @@ class CrossStitchBackbone(nn.Module):
             elif self.features == "last":
                 out[task] = feats[task]
         return out
+
+    def stitch(self, stage: str, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The unit after ``stage`` applied to the task features."""
+        return self.cross_stitch[stage](features)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.run(x, self.stitch)
+
+
+def torchvision_config(
+    arch: str,
+    *,
+    tasks: Sequence[str],
+    weights: Weights = None,
+    alpha: float = 0.9,
+    beta: float | None = None,
+    granularity: str = "channel",
+    stages: Sequence[str] | str | None = None,
+    task_weights: Mapping[str, str | os.PathLike[str]] | None = None,
+    heads: Mapping[str, int | nn.Module] | None = None,
+    output_stride: int = 32,
+    features: str = "last",
+) -> CrossStitchConfig:
+    """The config ``from_torchvision`` builds, every option checked; nothing is built or read."""
+    if not isinstance(arch, str):
+        raise CrossStitchError(f"must be an architecture name, got {arch!r}", param="arch")
+    spec = arch_spec(arch)
+    tasks = check_tasks(tasks)
+    heads = check_heads(heads, tasks)
+    if heads:
+        check_head_layout(arch, spec.layout)
+    check_output_stride(arch, spec.family, output_stride)
+    name, weights_file = resolve_weights(arch, weights)
+    files = {}
+    for task, path in (task_weights or {}).items():
+        if not isinstance(path, str | os.PathLike):
+            raise CrossStitchError(
+                f"the file of task {task!r} must be a path, got {path!r}", param="task_weights"
+            )
+        files[task] = os.fspath(path)
+    config = CrossStitchConfig(
+        arch=arch,
+        family=spec.family,
+        tasks=tasks,
+        alpha=alpha,
+        beta=beta,
+        granularity=granularity,
+        stages=select_stages([s.name for s in spec.stages], stages),
+        heads={t: h for t, h in heads.items() if isinstance(h, int)},
+        output_stride=output_stride,
+        features=features,
+        weights=name,
+        weights_file=weights_file,
+        task_weights=files,
+        input_size=spec.input_size,
+    )
+    for param, path in [("weights", weights_file), *(("task_weights", p) for p in files.values())]:
+        if path is not None and not os.path.isfile(path):
+            raise CrossStitchError(f"{path} does not exist or is not a file", param=param)
+    return config
+
+
+def build(
+    config: CrossStitchConfig,
+    *,
+    load_weights: bool = True,
+    head_modules: Mapping[str, nn.Module] | None = None,
+) -> CrossStitchBackbone:
+    """The model ``config`` describes (a torchvision one), one copy of the classifier per task.
+
+    ``load_weights=False`` builds the network the named weights imply without loading them, as
+    ``crossstitch.load`` does before loading its own; the state_dict files are then not read.
+    """
+    if config.arch is None:
+        raise CrossStitchError("the config names no architecture to build", param="arch")
+    tasks = list(config.tasks)
+    files = dict(config.task_weights) if load_weights else {}
+    states = {task: load_state_file(path) for task, path in files.items()}
+    shared = load_state_file(config.weights_file) if load_weights and config.weights_file else None
+    base = build_classifier(config.arch, config.weights, load=load_weights)
+    head = family_of(base).head
+    if shared is not None:
+        apply_state(base, shared, head, f"weights file {config.weights_file}")
+    apply_output_stride(base, config.family, config.output_stride)
+    models = {task: copy.deepcopy(base) for task in tasks[:-1]}
+    models[tasks[-1]] = base
+    for task, state in states.items():
+        apply_state(models[task], state, head, f"task weights {files[task]}")
+    model = CrossStitchBackbone(
+        models,
+        alpha=config.alpha,
+        beta=config.beta,
+        granularity=config.granularity,
+        stages=config.stages,
+        heads={**config.head_channels, **(head_modules or {})},
+        features=config.features,
+    )
+    model.config = dataclasses.replace(config, input_size=model.input_size)
+    return model

@@ -1,10 +1,10 @@
 """Stage adapters: how each torchvision family splits into a stem and a sequence of stages.
 
-A stage ends where the spatial resolution of the features drops (DESIGN §3). An adapter names the
-stages, hands back the model's own modules (nothing is copied or re-initialised) and says which
-top-level children form the classifier head that the backbone drops. Most families only list
-their layers in order and let ``by_resolution`` cut them where the resolution drops; adding a
-family means one such listing and one ``Family`` entry.
+A stage ends where the spatial resolution of the features drops (docs/design.md §3). An adapter
+names the stages, hands back the model's own modules (nothing is copied or re-initialised) and
+says which top-level children form the classifier head that the backbone drops. Most families
+only list their layers in order and let ``by_resolution`` cut them where the resolution drops;
+adding a family means one such listing and one ``Family`` entry.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torchvision import models
 
 from crossstitch.errors import CrossStitchError
+from crossstitch.shapes import meta_forward, meta_images
 
 SPLIT_SIZE = 224
 VIT_STAGES = 4
@@ -91,15 +91,6 @@ def nominal_reduction(size: int, features: int, layout: str) -> int:
     return 2 ** round(math.log2(size / features))
 
 
-def _meta_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """Run ``module`` on a meta tensor with meta copies of its weights: shapes only."""
-    state = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in [*module.named_parameters(), *module.named_buffers()]
-    }
-    return functional_call(module, state, (x,))
-
-
 def _has_weights(layers: list[tuple[str, nn.Module]]) -> bool:
     return any(True for _, layer in layers for _ in layer.parameters())
 
@@ -111,11 +102,11 @@ def by_resolution(layers: Iterable[tuple[str, nn.Module]], layout: str = "nchw")
     trims the border does not). A stage of weightless layers only (a
     lone max-pool) is merged into the stage after it, or the one before it at the end.
     """
-    x = torch.empty(2, 3, SPLIT_SIZE, SPLIT_SIZE, device="meta")
+    x = meta_images((SPLIT_SIZE, SPLIT_SIZE))
     current = 1
     groups: list[list[tuple[str, nn.Module]]] = []
     for name, layer in layers:
-        x = _meta_forward(layer, x)
+        x = meta_forward(layer, x)
         reduction = nominal_reduction(SPLIT_SIZE, resolution(x.shape, layout), layout)
         if not groups or reduction > current:
             groups.append([])
@@ -251,10 +242,8 @@ class VitStem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        torch._assert(
-            h == self.image_size and w == self.image_size,
-            f"this ViT takes {self.image_size}x{self.image_size} images",
-        )
+        if h != self.image_size or w != self.image_size:
+            raise ValueError(f"this ViT takes {self.image_size}x{self.image_size} images")
         x = self.conv_proj(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
         return self.dropout(x + self.pos_embedding)
@@ -327,5 +316,6 @@ def family_of(model: nn.Module) -> Family:
             return family
     supported = ", ".join(f.model_type.__name__ for f in FAMILIES.values())
     raise CrossStitchError(
-        f"no stage adapter for {type(model).__name__}; supported model classes: {supported}"
+        f"no stage adapter for {type(model).__name__}; supported model classes: {supported}",
+        param="models",
     )

@@ -38,20 +38,23 @@ def check_heads(
     heads: Mapping[str, int | nn.Module] | None, tasks: Sequence[str]
 ) -> dict[str, int | nn.Module]:
     """Refuse heads for unknown tasks, and channel counts that are not positive integers."""
+    if heads is not None and not isinstance(heads, Mapping):
+        raise CrossStitchError(f"must map task names to heads, got {heads!r}", param="heads")
     heads = dict(heads or {})
     unknown = [t for t in heads if t not in tasks]
     if unknown:
         raise CrossStitchError(
-            f"heads given for unknown task {', '.join(map(str, unknown))}; "
-            f"tasks are {', '.join(tasks)}"
+            f"given for unknown task {', '.join(map(repr, unknown))}; tasks are {', '.join(tasks)}",
+            param="heads",
         )
     for task, head in heads.items():
         if isinstance(head, nn.Module):
             continue
         if not isinstance(head, int) or isinstance(head, bool) or head < 1:
             raise CrossStitchError(
-                f"the head of task '{task}' must be a positive number of output channels "
-                f"or an nn.Module, got {head!r}"
+                f"the head of task {task!r} must be a positive number of output channels "
+                f"or an nn.Module, got {head!r}",
+                param="heads",
             )
     return {task: heads[task] for task in tasks if task in heads}
 

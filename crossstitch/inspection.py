@@ -14,24 +14,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from crossstitch.backbone import check_granularity
-from crossstitch.checkpoint import check_config, read
+from crossstitch.checkpoint import read
+from crossstitch.config import CrossStitchConfig
 from crossstitch.dilation import dilated_reduction
 from crossstitch.errors import CrossStitchError
-from crossstitch.stages import arch_spec
+from crossstitch.stages import StageInfo, arch_spec
 
 UNIT_KEY = "cross_stitch.{stage}.weight"
-
-
-@dataclass(frozen=True)
-class StageEntry:
-    """One stage of the architecture, and the shape of its unit where it is stitched."""
-
-    name: str
-    channels: int
-    reduction: int
-    stitched: bool
-    unit_shape: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -53,11 +42,15 @@ class UnitMixing:
 
 @dataclass(frozen=True)
 class Inspection:
-    """A stored model described: its config, its stages and every unit's mixing matrix."""
+    """A stored model described: its config, its stages and every stitched stage's unit.
 
-    config: dict
+    ``stage_table`` lists every stage of the architecture (reductions as dilation leaves them);
+    ``stages`` holds the units by stage name, stitched stages only.
+    """
+
+    config: CrossStitchConfig
     tasks: list[str]
-    stage_table: list[StageEntry]
+    stage_table: list[StageInfo]
     stages: dict[str, UnitMixing]
 
 
@@ -81,31 +74,26 @@ def unit_mixing(weight: Tensor) -> UnitMixing:
 
 
 def describe(
-    config: Mapping, weights: Mapping[str, Tensor], source: str | os.PathLike[str]
+    config: CrossStitchConfig, weights: Mapping[str, Tensor], source: str | os.PathLike[str]
 ) -> Inspection:
     """Describe a stored model from its ``config`` and its unit weights by stage name.
 
     Each stitched stage must have a weight of the shape its config implies; ``source`` names
     the file in error messages.
     """
-    check_config(source, config)
-    check_granularity(config["granularity"])
-    spec = arch_spec(config["arch"])
-    tasks = list(config["tasks"])
-    stitched = list(config["stages"])
+    spec = arch_spec(config.arch)
     known = [s.name for s in spec.stages]
-    unknown = [s for s in stitched if s not in known]
+    unknown = [s for s in config.stages if s not in known]
     if unknown:
         raise CrossStitchError(
             f"{source}: stitched stage {', '.join(unknown)} is not a stage of {spec.name} "
             f"({', '.join(known)})"
         )
-    output_stride = config.get("output_stride", 32)
     table, units = [], {}
     for stage in spec.stages:
-        reduction = dilated_reduction(stage.reduction, output_stride)
-        if stage.name not in stitched:
-            table.append(StageEntry(stage.name, stage.channels, reduction, False, None))
+        reduction = dilated_reduction(stage.reduction, config.output_stride)
+        table.append(StageInfo(stage.name, stage.channels, reduction))
+        if stage.name not in config.stages:
             continue
         if stage.name not in weights:
             raise CrossStitchError(
@@ -113,26 +101,25 @@ def describe(
                 f"({UNIT_KEY.format(stage=stage.name)})"
             )
         weight = weights[stage.name]
-        expected = (len(tasks),) * 2
-        if config["granularity"] == "channel":
+        expected = (len(config.tasks),) * 2
+        if config.granularity == "channel":
             expected += (stage.channels,)
         if tuple(weight.shape) != expected or not weight.is_floating_point():
             raise CrossStitchError(
                 f"{source}: the unit after {stage.name} has shape {list(weight.shape)} "
                 f"({weight.dtype}); its config implies floating point {list(expected)}"
             )
-        table.append(StageEntry(stage.name, stage.channels, reduction, True, expected))
         units[stage.name] = unit_mixing(weight)
-    return Inspection(config=dict(config), tasks=tasks, stage_table=table, stages=units)
+    return Inspection(config=config, tasks=list(config.tasks), stage_table=table, stages=units)
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> Inspection:
     """Describe a checkpoint file from its config and state_dict; no model is built."""
-    payload = read(path)
-    state = payload["state_dict"]
+    checkpoint = read(path)
+    state = checkpoint.state_dict
     weights = {
         stage: state[UNIT_KEY.format(stage=stage)]
-        for stage in payload["config"]["stages"]
+        for stage in checkpoint.config.stages
         if UNIT_KEY.format(stage=stage) in state
     }
-    return describe(payload["config"], weights, Path(path))
+    return describe(checkpoint.config, weights, Path(path))

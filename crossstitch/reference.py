@@ -1,7 +1,7 @@
 """The reference formulation: the plainest reading of the cross-stitch formula, for parity checks.
 
 Kept apart from ``units.py`` on purpose: it shares the backbones' modules and the unit weights
-with the model under test, but none of its stitching code.
+with the model under test, but none of its stitching code (docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -11,17 +11,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from crossstitch.backbone import CrossStitchBackbone, stage_output
-from crossstitch.heads import head_output
+from crossstitch.backbone import CrossStitchBackbone
 
 
 def reference_stitch(weight: Tensor, xs: list[Tensor], channel_dim: int) -> list[Tensor]:
     """``x̂_i = Σ_j A[i, j] ⊙ x_j``: per pair a broadcast product, added up in task order.
 
-    The sum is written out as one addition after another. ``torch.sum`` over the stacked
-    products (DESIGN §1) adds in that same order for up to four tasks; from five on, its
-    vectorised reduction adds the last elements of a tensor whose size is not a multiple of 32
-    in another order, which changes their last bit, so the order is spelt out here.
+    The sum is written out as one addition after another: ``torch.sum`` over stacked products
+    adds the last elements of a tensor whose size is not a multiple of 32 in another order from
+    five tasks on, which changes their last bit.
     """
     num_tasks = len(xs)
     outputs = []
@@ -42,50 +40,52 @@ def reference_stitch(weight: Tensor, xs: list[Tensor], channel_dim: int) -> list
 
 
 def reference_forward(model: CrossStitchBackbone, x: Tensor) -> dict[str, Tensor]:
-    """Run ``model``'s backbones stage by stage, stitching with ``reference_stitch``.
+    """Run ``model``'s backbones and heads, stitching with ``reference_stitch``."""
 
-    Tasks with a head get that head's output at the input size, as the model gives it; with
-    ``features == "all"`` every stitched stage's features come first, as ``"<task>.<stage>"``.
-    """
-    tasks = model.tasks
-    feats = [model.backbones[t].stem(x) for t in tasks]
-    stitched = []
-    for name in model.backbones[tasks[0]].stages:
-        feats = [model.backbones[t].stages[name](f) for t, f in zip(tasks, feats, strict=True)]
-        if name in model.cross_stitch:
-            feats = reference_stitch(model.cross_stitch[name].weight, feats, model.channel_dim)
-            stitched.append((name, feats))
-    size = x.shape[-2:]
-    outputs = {}
-    for i, t in enumerate(tasks):
-        if model.features == "all":
-            for name, stage_feats in stitched:
-                outputs[stage_output(t, name)] = stage_feats[i]
-        if t in model.heads:
-            outputs[t] = head_output(model.heads[t], feats[i], size)
-        elif model.features == "last":
-            outputs[t] = feats[i]
-    return outputs
+    def stitch(stage: str, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        xs = [features[task] for task in model.tasks]
+        weight = model.cross_stitch[stage].weight
+        return dict(zip(model.tasks, reference_stitch(weight, xs, model.channel_dim), strict=True))
+
+    return model.run(x, stitch)
 
 
 @dataclass(frozen=True)
 class ParityResult:
-    """Comparison of one output of the model with the reference; ``task`` is the output's name."""
+    """One output of the model compared with the reference; ``task`` is the output's name.
+
+    ``problem`` says why a comparison cannot pass even where the values agree: non-finite
+    values (NaN or infinity) in the output, or in the unit weights.
+    """
 
     task: str
     shape: tuple[int, ...]
     identical: bool
     max_abs_error: float
     mean_abs_error: float
+    problem: str | None = None
 
     @property
     def passed(self) -> bool:
-        return self.identical
+        return self.identical and self.problem is None
+
+
+def non_finite_units(model: CrossStitchBackbone) -> list[str]:
+    """The stages whose unit weights hold NaN or infinity."""
+    return [
+        stage
+        for stage, unit in model.cross_stitch.items()
+        if not bool(torch.isfinite(unit.weight).all())
+    ]
 
 
 @torch.no_grad()
 def check_parity(model: CrossStitchBackbone, x: Tensor) -> list[ParityResult]:
-    """Compare ``model(x)`` with the reference formulation, output by output, for bit equality."""
+    """Compare ``model(x)`` with the reference formulation, output by output, for bit equality.
+
+    NaN never matches NaN: an output with non-finite values fails, and so does every output of
+    a model whose unit weights are not all finite.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -93,25 +93,25 @@ def check_parity(model: CrossStitchBackbone, x: Tensor) -> list[ParityResult]:
         want = reference_forward(model, x)
     finally:
         model.train(was_training)
+    broken = non_finite_units(model)
     results = []
-    for task in want:
-        a, b = got[task], want[task]
-        error = (a - b).abs().nan_to_num(nan=0.0)
+    for name in want:
+        a, b = got[name], want[name]
+        finite = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+        error = (a.double() - b.double()).abs()
+        problem = None
+        if broken:
+            problem = f"unit weights after {', '.join(broken)} are not finite"
+        elif not finite:
+            problem = "non-finite values (NaN or infinity) in the output"
         results.append(
             ParityResult(
-                task=task,
+                task=name,
                 shape=tuple(a.shape),
-                identical=_identical(a, b),
-                max_abs_error=error.max().item(),
-                mean_abs_error=error.mean().item(),
+                identical=finite and torch.equal(a, b),
+                max_abs_error=error.max().item() if error.numel() else 0.0,
+                mean_abs_error=error.mean().item() if error.numel() else 0.0,
+                problem=problem,
             )
         )
     return results
-
-
-def _identical(a: Tensor, b: Tensor) -> bool:
-    """``torch.equal``, except that NaN matches NaN: overflowing inits give NaN in both."""
-    nan_a, nan_b = a.isnan(), b.isnan()
-    return torch.equal(nan_a, nan_b) and torch.equal(
-        a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)
-    )

@@ -70,15 +70,16 @@ def arch_spec(name: str) -> ArchSpec:
     hint = (
         f"did you mean {', '.join(close)}?" if close else "run `crossstitch list` to see them all"
     )
-    raise CrossStitchError(f"unknown architecture '{name}'; {hint}")
+    raise CrossStitchError(f"unknown architecture {name!r}; {hint}", param="arch")
 
 
-def check_fixed_size(name: str, fixed: int | None, size: tuple[int, ...], option: str) -> None:
+def check_fixed_size(name: str, fixed: int | None, size: tuple[int, ...]) -> None:
     """Refuse an input ``size`` other than the one a fixed-size model (ViT, MaxViT) takes."""
     if fixed is not None and tuple(size) != (fixed, fixed):
         raise CrossStitchError(
-            f"{name} takes {fixed}x{fixed} images only; {option} {'x'.join(map(str, size))} "
-            f"cannot be used (leave it out to get {fixed})"
+            f"{name} takes {fixed}x{fixed} images only; {'x'.join(map(str, size))} cannot be "
+            f"used (leave it out to get {fixed})",
+            param="input_size",
         )
 
 
@@ -87,6 +88,7 @@ def check_head_layout(name: str, layout: str) -> None:
     if layout != "nchw":
         kind = "channel-last maps [N, H, W, C]" if layout == "nhwc" else "tokens [N, 1 + HW, C]"
         raise CrossStitchError(
-            f"--head needs [N, C, H, W] feature maps, but {name} features are {kind}; "
-            "attach your own head to the features it returns"
+            f"dense heads need [N, C, H, W] feature maps, but {name} features are {kind}; "
+            "attach your own head to the features it returns",
+            param="heads",
         )

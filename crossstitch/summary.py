@@ -8,24 +8,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from crossstitch.backbone import CrossStitchBackbone, probe_shapes
-from crossstitch.errors import CrossStitchError
+from crossstitch.config import CrossStitchConfig
+from crossstitch.errors import CrossStitchError, first_line
 from crossstitch.families import feature_size
 from crossstitch.heads import DenseHead
-
-
-@dataclass(frozen=True)
-class StageRow:
-    """One stage as the summary table shows it."""
-
-    name: str
-    channels: int
-    reduction: int
-    feature_size: tuple[int, int]
-    params_per_task: int
-    stitch_params: int
+from crossstitch.shapes import PROBE_BATCH, meta_forward
+from crossstitch.stages import StageInfo
 
 
 @dataclass(frozen=True)
@@ -41,14 +31,20 @@ class OutputRow:
 
 @dataclass(frozen=True)
 class Summary:
-    """A model's stage table and totals at one input size."""
+    """A model's stages and totals at one input size.
 
-    arch: str | None
-    fixed_input: bool
-    tasks: list[str]
+    Per stage (by name): ``feature_sizes`` the features' height and width, ``stage_params``
+    the parameters of one task's stage, ``unit_params`` those of the unit after it (stitched
+    stages only).
+    """
+
+    config: CrossStitchConfig
     input_size: tuple[int, int]
+    stages: list[StageInfo]
+    feature_sizes: dict[str, tuple[int, int]]
+    stage_params: dict[str, int]
+    unit_params: dict[str, int]
     stem_params_per_task: int
-    stages: list[StageRow]
     params_per_task: int
     total_params: int
     stitch_params: int
@@ -56,11 +52,6 @@ class Summary:
     outputs: list[OutputRow]
     float32_mb: float
     training_mb_per_image: float
-    alpha: float
-    beta: float
-    granularity: str
-    output_stride: int
-    features: str
 
 
 def activation_bytes(
@@ -72,7 +63,6 @@ def activation_bytes(
     upsampled output) on the meta device. A training step keeps them all for backward and about
     as much again for gradients; inference holds a few of the largest at a time.
     """
-    probe_batch = 2
     per_task = []
     for task in model.tasks:
         with _recording(model.backbones[task]) as outputs:
@@ -80,10 +70,10 @@ def activation_bytes(
         if task in model.heads:
             features = shapes[model.stages[-1].name]
             with _recording(model.heads[task]) as head_outputs:
-                channels = _meta_call(model.heads[task], features).shape[1]
-            outputs += [*head_outputs, probe_batch * channels * input_size[0] * input_size[1] * 4]
+                channels = _head_output(model.heads[task], features).shape[1]
+            outputs += [*head_outputs, PROBE_BATCH * channels * input_size[0] * input_size[1] * 4]
         per_task.append(2 * sum(outputs) if training else 3 * max(outputs, default=0))
-    return int(sum(per_task) / probe_batch * batch)
+    return int(sum(per_task) / PROBE_BATCH * batch)
 
 
 @contextlib.contextmanager
@@ -103,26 +93,13 @@ def _recording(module: nn.Module) -> Iterator[list[int]]:
             handle.remove()
 
 
-def _meta_call(module: nn.Module, features: torch.Size) -> torch.Tensor:
-    """Run ``module`` on a meta batch of two with features of this shape; nothing is allocated."""
-    meta = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in [*module.named_parameters(), *module.named_buffers()]
-    }
-    return functional_call(module, meta, (torch.empty(2, *features[1:], device="meta"),))
+def _head_output(head: nn.Module, features: torch.Size) -> torch.Tensor:
+    """A head's output for a meta batch of features of this shape; nothing is allocated."""
+    return meta_forward(head, torch.empty(PROBE_BATCH, *features[1:], device="meta"))
 
 
-def _count(module) -> int:
+def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _head_name(head: nn.Module) -> str:
-    return "dense" if isinstance(head, DenseHead) else type(head).__name__
-
-
-def _head_channels(head: nn.Module, features: torch.Size) -> int:
-    """Output channels of a head, found by running it on the meta device (nothing allocated)."""
-    return _meta_call(head, features).shape[1]
 
 
 def _output_row(
@@ -138,54 +115,42 @@ def _output_row(
     last = shapes[model.stages[-1].name]
     if task in model.heads:
         head = model.heads[task]
-        shape = (_head_channels(head, last), *input_size)
-        return OutputRow(name, task, _head_name(head), _count(head), shape)
+        kind = "dense" if isinstance(head, DenseHead) else type(head).__name__
+        shape = (_head_output(head, last).shape[1], *input_size)
+        return OutputRow(name, task, kind, _count(head), shape)
     return OutputRow(name, task, None, 0, tuple(last[1:]))
+
+
+def probe_or_refuse(model: CrossStitchBackbone, input_size: tuple[int, int]) -> dict:
+    """The stage shapes at ``input_size``, or a refusal saying the size is too small."""
+    try:
+        return probe_shapes(model.backbones[model.tasks[0]], input_size)
+    except RuntimeError as exc:
+        height, width = input_size
+        name = model.config.arch or "this model"
+        raise CrossStitchError(
+            f"{height}x{width} is too small for {name} ({first_line(exc)})", param="input_size"
+        ) from exc
 
 
 def summarize(model: CrossStitchBackbone, input_size: tuple[int, int]) -> Summary:
     """Describe ``model`` for one image of ``input_size`` (height, width)."""
     backbone = model.backbones[model.tasks[0]]
-    try:
-        shapes = probe_shapes(backbone, input_size)
-    except RuntimeError as exc:
-        height, width = input_size
-        name = model.config.get("arch") or "this model"
-        raise CrossStitchError(
-            f"input size {height}x{width} is too small for {name} ({str(exc).splitlines()[0]})"
-        ) from exc
-    rows = [
-        StageRow(
-            name=info.name,
-            channels=info.channels,
-            reduction=info.reduction,
-            feature_size=feature_size(shapes[info.name], model.layout),
-            params_per_task=_count(backbone.stages[info.name]),
-            stitch_params=_count(model.cross_stitch[info.name])
-            if info.name in model.cross_stitch
-            else 0,
-        )
-        for info in model.stages
-    ]
-    outputs = [_output_row(model, name, shapes, input_size) for name in model.output_names]
+    shapes = probe_or_refuse(model, input_size)
     total = _count(model)
     return Summary(
-        arch=model.config.get("arch"),
-        fixed_input=model.input_size is not None,
-        tasks=list(model.tasks),
+        config=model.config,
         input_size=tuple(input_size),
+        stages=list(model.stages),
+        feature_sizes={s.name: feature_size(shapes[s.name], model.layout) for s in model.stages},
+        stage_params={s.name: _count(backbone.stages[s.name]) for s in model.stages},
+        unit_params={name: _count(unit) for name, unit in model.cross_stitch.items()},
         stem_params_per_task=_count(backbone.stem),
-        stages=rows,
         params_per_task=_count(backbone),
         total_params=total,
         stitch_params=_count(model.cross_stitch),
         head_params=_count(model.heads),
-        outputs=outputs,
+        outputs=[_output_row(model, name, shapes, input_size) for name in model.output_names],
         float32_mb=total * 4 / 1e6,
         training_mb_per_image=activation_bytes(model, 1, input_size, training=True) / 1e6,
-        alpha=model.config["alpha"],
-        beta=model.config["beta"],
-        granularity=model.config["granularity"],
-        output_stride=model.stages[-1].reduction,
-        features=model.features,
     )

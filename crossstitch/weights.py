@@ -5,28 +5,58 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeAlias
 from urllib.error import URLError
 
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.models import WeightsEnum
 
+from crossstitch.archive import load_tensors
 from crossstitch.errors import CrossStitchError
 from crossstitch.stages import arch_spec
 
 NO_WEIGHTS = ("none", "")
+# What ``weights`` accepts: a torchvision weights name or enum, a state_dict file, or None.
+Weights: TypeAlias = str | WeightsEnum | os.PathLike | None
 
 
-def resolve_weights(arch: str, weights: str | None) -> str | None:
-    """Normalise a weights name: ``None``/``"none"`` mean random init; others must exist."""
-    if weights is None or weights.lower() in NO_WEIGHTS:
-        return None
+def resolve_weights(arch: str, weights: Weights) -> tuple[str | None, str | None]:
+    """``(weights name, state_dict file)`` for a ``weights`` argument; at most one is set.
+
+    Strings name torchvision weights (``None`` and ``"none"`` mean random init); an enum member
+    must belong to ``arch``; a ``pathlib.Path`` (any ``os.PathLike``) is a state_dict file.
+    """
+    if weights is None:
+        return None, None
+    if isinstance(weights, os.PathLike):
+        return None, os.fspath(weights)
     available = arch_spec(arch).weights
+    if isinstance(weights, WeightsEnum):
+        enum = torchvision.models.get_model_weights(arch)
+        if not isinstance(weights, enum):
+            raise CrossStitchError(
+                f"{weights} are not weights of {arch}; use {enum.__name__}", param="weights"
+            )
+        return weights.name, None
+    if not isinstance(weights, str):
+        raise CrossStitchError(
+            f"must be a weights name, a torchvision weights enum or a pathlib.Path, got "
+            f"{weights!r}",
+            param="weights",
+        )
+    if weights.lower() in NO_WEIGHTS:
+        return None, None
     if weights not in available:
         raise CrossStitchError(
-            f"unknown weights '{weights}' for {arch}; available: {', '.join(available)} or none"
+            f"unknown weights {weights!r} for {arch}; available: {', '.join(available)} or none "
+            "(a state_dict file is given as a pathlib.Path)",
+            param="weights",
         )
-    return weights
+    if weights == "DEFAULT":
+        return torchvision.models.get_model_weights(arch).DEFAULT.name, None
+    return weights, None
 
 
 def cached_weights_path(arch: str, weights: str) -> Path:
@@ -78,11 +108,7 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CrossStitchError(f"weights file {path} does not exist or is not a file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CrossStitchError(f"{path} is not a readable state_dict file: {first_line}") from exc
+    state = load_tensors(path, "state_dict file")
     for key in ("model", "state_dict"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -1,16 +1,20 @@
 """Timing a cross-stitch model against its bare backbones and against its exported artifacts.
 
-The baseline is the same task backbones run stage by stage with no stitching: the least any
-cross-stitch implementation can cost. Variants are run interleaved (one call of each per round),
-so drifting clocks and background load hit all of them alike.
+The baseline is the same task backbones run stage by stage with no stitching (the model's own
+stage loop without units): the least any cross-stitch implementation can cost. With
+``compiled=True`` both are also timed under ``torch.compile(fullgraph=True)``, the compile
+time reported apart. Variants are run interleaved (one call of each per round), so drifting
+clocks and background load hit all of them alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,29 +24,35 @@ import torch
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
-from crossstitch import fused
 from crossstitch.backbone import CrossStitchBackbone, probe_shapes
 from crossstitch.errors import CrossStitchError
-from crossstitch.heads import head_output
 from crossstitch.memory import check_fits
 from crossstitch.summary import activation_bytes
 
 from . import onnx
+from .common import Artifact
 from .formats import FORMATS
 
 BASELINE = "bare backbones"
 STITCHED = "cross-stitch"
+COMPILED = "compiled "
 
 
 @dataclass
 class Timing:
-    """All timed calls of one variant, in seconds, and the peak tensor memory of one call."""
+    """All timed calls of one variant, in seconds, and the peak tensor memory of one call.
+
+    ``baseline`` names the variant its ``ratio`` is taken against: the bare backbones, compiled
+    where the variant is. ``compile_seconds`` is the first (compiling) call of a compiled one.
+    """
 
     name: str
     mode: str
+    baseline: str = BASELINE
     seconds: list[float] = field(default_factory=list)
     peak_mb: float | None = None
     ratio: float | None = None
+    compile_seconds: float | None = None
 
     @property
     def median(self) -> float:
@@ -59,11 +69,8 @@ class Timing:
 
 @dataclass
 class BenchResult:
-    """A benchmark run: its setting, one timing per variant and mode, what ran the units.
-
-    ``unit_kernel`` names what ran the eager model's units, for inference and training steps
-    alike.
-    """
+    """A benchmark run: its setting, one timing per variant and mode, and why its numbers may
+    not be trusted (``warnings``: too few runs, or a spread over ``MAX_SPREAD``)."""
 
     arch: str | None
     tasks: list[str]
@@ -72,19 +79,37 @@ class BenchResult:
     runs: int
     threads: int
     timings: list[Timing]
-    unit_kernel: str
+    warnings: list[str] = field(default_factory=list)
+
+
+# Below this many runs, or above this spread (slowest over median), a median says little.
+MIN_RUNS = 5
+MAX_SPREAD = 1.5
+
+
+def trust_warnings(timings: list[Timing], runs: int) -> list[str]:
+    """Why these timings cannot be trusted, with the number of runs to ask for instead."""
+    suggested = max(20, 2 * runs)
+    warnings = []
+    if runs < MIN_RUNS:
+        warnings.append(
+            f"{runs} run{'s' if runs > 1 else ''} per variant: medians of fewer than {MIN_RUNS} "
+            f"calls are noise; use --runs {suggested}"
+        )
+    spread = [t for t in timings if t.max / t.median > MAX_SPREAD]
+    if spread and runs >= MIN_RUNS:
+        worst = max(spread, key=lambda t: t.max / t.median)
+        warnings.append(
+            f"the slowest call of {worst.mode} {worst.name} took {worst.max / worst.median:.1f}x "
+            f"its median (over {MAX_SPREAD}x): the machine was busy; use --runs {suggested} on "
+            "a quiet machine"
+        )
+    return warnings
 
 
 def bare_forward(model: CrossStitchBackbone, x: Tensor) -> dict[str, Tensor]:
     """The task networks stage by stage, as ``model.forward`` runs them, minus the units."""
-    feats = {task: backbone.stem(x) for task, backbone in model.backbones.items()}
-    for name in model.backbones[model.tasks[0]].stages:
-        feats = {task: net.stages[name](feats[task]) for task, net in model.backbones.items()}
-    size = x.shape[-2:]
-    return {
-        task: head_output(model.heads[task], f, size) if task in model.heads else f
-        for task, f in feats.items()
-    }
+    return model.run(x, None)
 
 
 @contextlib.contextmanager
@@ -93,36 +118,41 @@ def _silenced_descriptors() -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 1)
-        os.dup2(devnull.fileno(), 2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         yield
     finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
-        for fd in saved:
+        for fd in (*saved, devnull):
             os.close(fd)
 
 
 def peak_tensor_mb(call: Callable[[Tensor], object], x: Tensor) -> float:
     """Peak of the tensor memory torch allocates during one call, in MB.
 
-    Replays the profiler's allocation and free events in time order; memory that a runtime
+    Replays, in time order, the allocation and free events (``"[memory]"``, ``Bytes`` positive
+    or negative) of the profiler's documented Chrome-trace export. Memory that a runtime
     allocates outside torch (onnxruntime) is not seen.
     """
-    with (
-        _silenced_descriptors(),
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
-    ):
-        call(x)
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        with _silenced_descriptors():
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                call(x)
+            prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    deltas = sorted(
+        (float(e["ts"]), index, e["args"]["Bytes"])
+        for index, e in enumerate(events)
+        if e.get("name") == "[memory]"
     )
     current = peak = 0
-    for _, nbytes in events:
+    for _, _, nbytes in deltas:
         current += nbytes
         peak = max(peak, current)
     return peak / 1e6
@@ -139,12 +169,30 @@ def _training_step(model: CrossStitchBackbone, forward: Callable[[Tensor], dict]
     return step
 
 
-def artifacts_beside(model_path: Path) -> dict[str, Path]:
-    """The exported artifacts that sit beside a checkpoint under their default names."""
-    from .formats import default_path
+def artifacts_beside(
+    model: CrossStitchBackbone, model_path: Path, threads: int
+) -> tuple[dict[str, Artifact], list[str]]:
+    """The artifacts exported from this checkpoint that sit beside it under their default names.
 
-    found = {fmt: default_path(model_path, fmt) for fmt in FORMATS}
-    return {fmt: path for fmt, path in found.items() if path.is_file()}
+    Each is checked and loaded like any artifact (a hostile file is refused); one whose stored
+    config describes another network is left out, and the second list says which and why.
+    """
+    from .formats import default_path
+    from .pipeline import check_compatible
+
+    found, skipped = {}, []
+    for fmt, module in FORMATS.items():
+        path = default_path(model_path, fmt)
+        if not path.is_file():
+            continue
+        artifact = onnx.load(path, threads=threads) if fmt == onnx.NAME else module.load(path)
+        try:
+            check_compatible(artifact, model, path)
+        except CrossStitchError as exc:
+            skipped.append(str(exc))
+            continue
+        found[fmt] = artifact
+    return found, skipped
 
 
 def run_bench(
@@ -153,11 +201,15 @@ def run_bench(
     input_size: tuple[int, int],
     runs: int,
     threads: int,
-    artifacts: dict[str, Path] | None = None,
+    *,
+    artifacts: dict[str, Artifact] | None = None,
     training: bool = True,
+    compiled: bool = False,
     warmup: int = 2,
 ) -> BenchResult:
-    """Time inference (eager, baseline, each artifact) and a training step (eager, baseline)."""
+    """Time inference (eager, baseline, each artifact) and a training step (eager, baseline);
+    with ``compiled``, the model and the baseline under ``torch.compile(fullgraph=True)`` too.
+    """
     if training:
         _check_trainable_size(model, batch, input_size)
     height, width = input_size
@@ -167,22 +219,21 @@ def run_bench(
     )
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    fused_calls = fused.calls
     try:
         timings = _time_variants(
-            model, batch, input_size, runs, threads, artifacts, training, warmup
+            model, batch, input_size, runs, threads, artifacts, training, compiled, warmup
         )
     finally:
         torch.set_num_threads(previous_threads)
     return BenchResult(
-        arch=model.config.get("arch"),
+        arch=model.config.arch,
         tasks=list(model.tasks),
         batch=batch,
         input_size=tuple(input_size),
         runs=runs,
         threads=threads,
         timings=timings,
-        unit_kernel=fused.kernel_name(fused.calls > fused_calls),
+        warnings=trust_warnings(timings, runs),
     )
 
 
@@ -206,34 +257,43 @@ def _time_variants(
     input_size: tuple[int, int],
     runs: int,
     threads: int,
-    artifacts: dict[str, Path] | None,
+    artifacts: dict[str, Artifact] | None,
     training: bool,
+    compiled: bool,
     warmup: int,
 ) -> list[Timing]:
     x = torch.randn(batch, 3, *input_size, generator=torch.Generator().manual_seed(0))
-    inference: dict[str, Callable[[Tensor], object]] = {
+    forwards: dict[str, Callable[[Tensor], dict[str, Tensor]]] = {
         STITCHED: model,
         BASELINE: lambda t: bare_forward(model, t),
     }
-    for fmt, path in (artifacts or {}).items():
-        loaded = onnx.load(path, threads=threads) if fmt == onnx.NAME else FORMATS[fmt].load(path)
-        inference[fmt] = loaded.run
-    timings = [Timing(name, "inference") for name in inference]
+    if compiled:
+        for name, call in list(forwards.items()):
+            forwards[COMPILED + name] = torch.compile(call, fullgraph=True)
+    inference: dict[str, Callable[[Tensor], object]] = dict(forwards)
+    for fmt, artifact in (artifacts or {}).items():
+        inference[fmt] = artifact.run
+    timings = [_timing(name, "inference") for name in inference]
     model.eval()
     with torch.no_grad():
         _interleave(list(inference.values()), timings, x, runs, warmup)
     if training:
-        steps = [_training_step(model, model), _training_step(model, inference[BASELINE])]
-        train_timings = [Timing(STITCHED, "training"), Timing(BASELINE, "training")]
+        steps = [_training_step(model, call) for call in forwards.values()]
+        train_timings = [_timing(name, "training") for name in forwards]
         model.train()
         model.zero_grad(set_to_none=True)
         _interleave(steps, train_timings, x, runs, warmup)
         model.eval()
         timings += train_timings
     for timing in timings:
-        baseline = next(t for t in timings if t.mode == timing.mode and t.name == BASELINE)
+        baseline = next(t for t in timings if t.mode == timing.mode and t.name == timing.baseline)
         timing.ratio = timing.median / baseline.median
     return timings
+
+
+def _timing(name: str, mode: str) -> Timing:
+    compiled = name.startswith(COMPILED)
+    return Timing(name, mode, baseline=COMPILED + BASELINE if compiled else BASELINE)
 
 
 def _interleave(
@@ -241,12 +301,16 @@ def _interleave(
 ) -> None:
     """Warm up, time ``runs`` rounds, then one more round under the profiler for memory.
 
-    Every other round runs the variants in reverse order, so none always follows the same
+    The first warm-up call of a compiled variant compiles it and is recorded as its compile
+    time. Every other round runs the variants in reverse order, so none always follows the same
     neighbour; the profiler stays off while timing so that it cannot slow any call.
     """
-    for _ in range(warmup):
-        for call in calls:
+    for index in range(warmup):
+        for call, timing in zip(calls, timings, strict=True):
+            start = time.perf_counter()
             call(x)
+            if index == 0 and timing.name.startswith(COMPILED):
+                timing.compile_seconds = time.perf_counter() - start
     pairs = list(zip(calls, timings, strict=True))
     for round_index in range(runs):
         for call, timing in pairs if round_index % 2 == 0 else reversed(pairs):

@@ -17,19 +17,52 @@ from torch.export import Dim
 
 import crossstitch
 from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.config import MAX_INPUT_SIZE, RESERVED_TASKS, CrossStitchConfig
 from crossstitch.errors import CrossStitchError
 
-INPUT_NAME = "image"
+# The input of every exported graph; no task may take this name (crossstitch.config).
+(INPUT_NAME,) = RESERVED_TASKS
 CONFIG_FILE = "crossstitch.json"
 QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx")
 
 
 @dataclass(frozen=True)
-class Artifact:
-    """A loaded artifact: the config stored in it, and its runtime as a function."""
+class ExportInput:
+    """The example input an artifact was exported with, and which of its dimensions stay free."""
 
-    config: dict
+    shape: tuple[int, int, int, int]
+    dynamic: bool
+    spatial_free: bool
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded artifact: the model config and export input stored in it, and its runtime."""
+
+    config: CrossStitchConfig
+    export: ExportInput
     run: Callable[[Tensor], dict[str, Tensor]]
+
+
+def read_artifact_config(text: str, source: Path) -> tuple[CrossStitchConfig, ExportInput]:
+    """The config JSON stored in an artifact, checked field by field like a checkpoint's."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise CrossStitchError(f"{source} has a damaged crossstitch config ({exc})") from exc
+    config = CrossStitchConfig.from_dict(raw, str(source))
+    shape, dynamic = raw.get("export_input"), raw.get("dynamic")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 4
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+        and all(1 <= n <= MAX_INPUT_SIZE for n in shape)
+    ):
+        raise CrossStitchError(f"{source}: config field 'export_input' is missing or damaged")
+    spatial_free = raw.get("spatial_free", dynamic)
+    if not isinstance(dynamic, bool) or not isinstance(spatial_free, bool):
+        raise CrossStitchError(f"{source}: config field 'dynamic' is missing or damaged")
+    return config, ExportInput(tuple(shape), dynamic, spatial_free)
 
 
 @dataclass(frozen=True)
@@ -49,7 +82,12 @@ def torch_artifact(module: Callable, config: str, path: Path, kind: str) -> Arti
         with torch.no_grad():
             return dict(module(x))
 
-    return Artifact(json.loads(config), run)
+    return Artifact(*read_artifact_config(config, path), run)
+
+
+def weights_bytes(model: CrossStitchBackbone) -> int:
+    """Bytes of the model's parameters and buffers: about what an artifact stores."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 # Families whose artifacts keep the export's height and width, and why.
@@ -61,7 +99,7 @@ FIXED_SPATIAL = {
 
 def spatial_free(model: CrossStitchBackbone) -> bool:
     """Whether artifacts of ``model`` take any height and width (else only the export's)."""
-    return model.input_size is None and model.config["family"] not in FIXED_SPATIAL
+    return model.input_size is None and model.config.family not in FIXED_SPATIAL
 
 
 def dynamic_shapes(model: CrossStitchBackbone, dynamic: bool) -> dict | None:
@@ -104,7 +142,7 @@ def artifact_config(model: CrossStitchBackbone, example: Tensor, options: Export
     """The model's config as JSON, with the export's input shape, stored inside every artifact."""
     return json.dumps(
         {
-            **model.config,
+            **model.config.to_dict(),
             "crossstitch": crossstitch.__version__,
             **input_config(model, example, options),
         },

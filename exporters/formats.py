@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 from types import ModuleType
 
+from crossstitch.archive import check_archive
 from crossstitch.errors import CrossStitchError
 
 from . import onnx, pt2, torchscript
@@ -24,6 +25,7 @@ def detect(path: Path) -> str:
     if not path.is_file():
         raise CrossStitchError(f"{path} does not exist or is not a file")
     if zipfile.is_zipfile(path):
+        check_archive(path, "file")
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()

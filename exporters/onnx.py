@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cache
 from pathlib import Path
@@ -16,17 +15,21 @@ from onnxscript.version_converter import convert_version
 from torch import Tensor
 
 from crossstitch.backbone import CrossStitchBackbone
-from crossstitch.errors import CrossStitchError
+from crossstitch.config import CrossStitchConfig
+from crossstitch.errors import CrossStitchError, first_line
 
 from .common import (
     INPUT_NAME,
     Artifact,
+    ExportInput,
     ExportOptions,
     artifact_config,
     dynamic_shapes,
     output_axes,
     quiet,
+    read_artifact_config,
     spatial_free,
+    weights_bytes,
 )
 
 NAME = "onnx"
@@ -61,11 +64,6 @@ def newest_opset() -> int:
     return MIN_OPSET
 
 
-def _weights_bytes(model: CrossStitchBackbone) -> int:
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def metadata(
     model: CrossStitchBackbone, example: Tensor, options: ExportOptions, opset: int
 ) -> dict[str, str]:
@@ -73,15 +71,15 @@ def metadata(
     config = model.config
     return {
         CONFIG_KEY: artifact_config(model, example, options),
-        "crossstitch.arch": str(config.get("arch")),
-        "crossstitch.tasks": ",".join(model.tasks),
-        "crossstitch.stages": ",".join(config["stages"]),
-        "crossstitch.alpha": repr(config["alpha"]),
-        "crossstitch.beta": repr(config["beta"]),
-        "crossstitch.granularity": config["granularity"],
-        "crossstitch.heads": ",".join(f"{t}={c}" for t, c in config.get("heads", {}).items()),
+        "crossstitch.arch": str(config.arch),
+        "crossstitch.tasks": ",".join(config.tasks),
+        "crossstitch.stages": ",".join(config.stages),
+        "crossstitch.alpha": repr(config.alpha),
+        "crossstitch.beta": repr(config.beta),
+        "crossstitch.granularity": config.granularity,
+        "crossstitch.heads": ",".join(f"{t}={c}" for t, c in config.heads),
         "crossstitch.outputs": ",".join(model.output_names),
-        "crossstitch.output_stride": str(config.get("output_stride", 32)),
+        "crossstitch.output_stride": str(config.output_stride),
         "crossstitch.opset": str(opset),
     }
 
@@ -148,7 +146,7 @@ def export(
     (see ``optimize_keeping_units``), which ``read_unit_weights`` reads back.
     """
     opset = options.opset or newest_opset()
-    external = _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    external = weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
     names = {"input_names": [INPUT_NAME], "output_names": model.output_names}
     details: dict[str, Any] = {"opset": opset, "external_data": external}
     with quiet() as log:
@@ -171,9 +169,7 @@ def export(
         except OpsetUnreachable:
             raise
         except Exception as exc:
-            details["exporter"] = f"torchscript-based (dynamo exporter failed: {exc})".splitlines()[
-                0
-            ]
+            details["exporter"] = f"torchscript-based (dynamo exporter failed: {first_line(exc)})"
             torch.onnx.export(
                 model,
                 (example,),
@@ -200,37 +196,33 @@ def looks_like_onnx(path: Path) -> bool:
     return len(proto.graph.node) > 0
 
 
-def _read(path: Path) -> tuple[onnx.ModelProto, dict]:
-    """The model without its external data, and its crossstitch config; foreign files refused."""
+def _read(path: Path) -> tuple[onnx.ModelProto, CrossStitchConfig, ExportInput]:
+    """The model without its external data, and its crossstitch config; foreign files refused.
+
+    External data must lie beside the file: a location that leaves its folder is refused.
+    """
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise CrossStitchError(
-            f"{path} is not a readable ONNX model ({exc})".splitlines()[0]
-        ) from exc
+        raise CrossStitchError(f"{path} is not a readable ONNX model ({first_line(exc)})") from exc
     props = {p.key: p.value for p in proto.metadata_props}
     if CONFIG_KEY not in props or [i.name for i in proto.graph.input] != [INPUT_NAME]:
         raise CrossStitchError(f"{path} is an ONNX model, but not one exported by crossstitch")
-    try:
-        config = json.loads(props[CONFIG_KEY])
-    except ValueError as exc:
-        raise CrossStitchError(f"{path} has a damaged crossstitch config ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CrossStitchError(f"{path} has a damaged crossstitch config (not a JSON object)")
-    return proto, config
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and Path(entry.value).name != entry.value:
+                raise CrossStitchError(
+                    f"{path} points to external data outside its folder ({entry.value!r}); refused"
+                )
+    return (proto, *read_artifact_config(props[CONFIG_KEY], path))
 
 
-def read_config(path: Path) -> dict:
-    """The crossstitch config stored in an ONNX file; foreign files are refused."""
-    return _read(path)[1]
-
-
-def read_unit_weights(path: Path) -> tuple[dict, dict[str, Tensor]]:
+def read_unit_weights(path: Path) -> tuple[CrossStitchConfig, dict[str, Tensor]]:
     """The config and the weight of every initializer named ``cross_stitch.<stage>.weight``.
 
     Only those tensors are read, from the file or from its external data; keys are stage names.
     """
-    proto, config = _read(path)
+    proto, config, _ = _read(path)
     weights = {}
     for tensor in proto.graph.initializer:
         match = UNIT_WEIGHT.fullmatch(tensor.name)
@@ -240,10 +232,10 @@ def read_unit_weights(path: Path) -> tuple[dict, dict[str, Tensor]]:
             values = onnx.numpy_helper.to_array(tensor, base_dir=str(path.parent))
         except Exception as exc:
             raise CrossStitchError(
-                f"cannot read {tensor.name} from {path} ({exc})".splitlines()[0]
+                f"cannot read {tensor.name} from {path} ({first_line(exc)})"
             ) from exc
         weights[match["stage"]] = torch.from_numpy(values.copy())
-    if config.get("stages") and not weights:
+    if config.stages and not weights:
         raise CrossStitchError(
             f"{path} does not hold its unit weights as initializers named "
             "cross_stitch.<stage>.weight (the TorchScript-based exporter folds them into the "
@@ -259,7 +251,7 @@ def load(path: Path, threads: int | None = None) -> Artifact:
     one per physical core). Idle pool threads do not spin, so they take no CPU from torch code
     that runs between sessions (verification, benchmarks).
     """
-    config = read_config(path)
+    _, config, export = _read(path)
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or 0
@@ -270,11 +262,11 @@ def load(path: Path, threads: int | None = None) -> Artifact:
             str(path), options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
-        raise CrossStitchError(f"onnxruntime cannot load {path} ({exc})".splitlines()[0]) from exc
+        raise CrossStitchError(f"onnxruntime cannot load {path} ({first_line(exc)})") from exc
     names = [o.name for o in session.get_outputs()]
 
     def run(x: Tensor) -> dict[str, Tensor]:
         outputs = session.run(names, {INPUT_NAME: x.numpy()})
         return {name: torch.from_numpy(out) for name, out in zip(names, outputs, strict=True)}
 
-    return Artifact(config, run)
+    return Artifact(config, export, run)

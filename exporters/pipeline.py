@@ -19,12 +19,12 @@ import torch
 from torch import Tensor
 
 from crossstitch.backbone import CrossStitchBackbone
-from crossstitch.errors import CrossStitchError
-from crossstitch.files import check_output_path
+from crossstitch.errors import CrossStitchError, first_line
+from crossstitch.files import check_free_space, check_output_path
 from crossstitch.memory import check_fits
-from crossstitch.summary import activation_bytes
+from crossstitch.summary import activation_bytes, probe_or_refuse
 
-from .common import FIXED_SPATIAL, Artifact, ExportOptions, input_config
+from .common import FIXED_SPATIAL, Artifact, ExportInput, ExportOptions, weights_bytes
 from .compare import Comparison, compare_outputs
 from .errors import ExportFailed
 from .formats import FORMATS
@@ -64,43 +64,37 @@ class ExportResult:
         return self.comparison is None or self.comparison.passed
 
 
-def verification_inputs(config: dict, seed: int) -> Inputs:
+def verification_inputs(export: ExportInput, seed: int) -> Inputs:
     """Inputs for checking an artifact: another batch and size than the export's where free."""
-    batch, _, height, width = config["export_input"]
-    if not config["dynamic"]:
+    batch, _, height, width = export.shape
+    if not export.dynamic:
         return Inputs(batch, height, width, seed)
-    if not config.get("spatial_free", True):
+    if not export.spatial_free:
         return Inputs(batch + 1, height, width, seed)
     return Inputs(batch + 1, height + 32, width + 64, seed)
 
 
-def check_artifact_size(config: dict, path: Path, size: tuple[int, int]) -> None:
+def check_artifact_size(artifact: Artifact, path: Path, size: tuple[int, int]) -> None:
     """Refuse to run an artifact at a height and width it was not exported to take."""
-    _, _, height, width = config["export_input"]
-    if tuple(size) == (height, width) or (config["dynamic"] and config.get("spatial_free", True)):
+    _, _, height, width = artifact.export.shape
+    if tuple(size) == (height, width) or artifact.export.spatial_free:
         return
-    if not config["dynamic"]:
+    if not artifact.export.dynamic:
         why = "it was exported with --static"
     else:
-        why = FIXED_SPATIAL.get(config.get("family"), f"{config.get('arch')} takes one input size")
+        config = artifact.config
+        why = FIXED_SPATIAL.get(config.family, f"{config.arch} takes one input size")
     raise CrossStitchError(
-        f"{path} takes {height}x{width} inputs only ({why}); "
-        f"--input-size {size[0]}x{size[1]} cannot be used"
+        f"{path} takes {height}x{width} inputs only ({why}); {size[0]}x{size[1]} cannot be used",
+        param="input_size",
     )
 
 
-def check_compatible(config: dict, model: CrossStitchBackbone, path: Path) -> None:
+def check_compatible(artifact: Artifact, model: CrossStitchBackbone, path: Path) -> None:
     """An artifact and the checkpoint it is compared with must describe the same network."""
-    for key, default in (
-        ("arch", None),
-        ("tasks", None),
-        ("stages", None),
-        ("granularity", None),
-        ("heads", {}),
-        ("output_stride", 32),
-        ("features", "last"),
-    ):
-        there, here = config.get(key, default), model.config.get(key, default)
+    theirs, ours = artifact.config.to_dict(), model.config.to_dict()
+    for key in ("arch", "tasks", "stages", "granularity", "heads", "output_stride", "features"):
+        there, here = theirs[key], ours[key]
         if there != here:
             raise CrossStitchError(
                 f"{path} does not come from this checkpoint: {key} is {there} there, "
@@ -118,7 +112,8 @@ def compare_artifact(
     rtol: float,
 ) -> Comparison:
     """Run the artifact with its runtime and the eager model on the same inputs; compare."""
-    check_compatible(artifact.config, model, path)
+    check_compatible(artifact, model, path)
+    probe_or_refuse(model, (inputs.height, inputs.width))
     check_fits(
         2 * activation_bytes(model, inputs.batch, (inputs.height, inputs.width), training=False),
         f"verifying on a {inputs.batch}x3x{inputs.height}x{inputs.width} input",
@@ -128,10 +123,9 @@ def compare_artifact(
     try:
         got = artifact.run(x)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CrossStitchError(
             f"{path} does not run on a {inputs.batch}x3x{inputs.height}x{inputs.width} input: "
-            f"{message[:300]}"
+            f"{first_line(exc)}"
         ) from exc
     return compare_outputs(got, want, atol, rtol)
 
@@ -165,6 +159,7 @@ def export_verified(
     """Export ``model`` to ``destination`` in ``fmt``, verified before it is put in place."""
     module = FORMATS[fmt]
     destination = check_output_path(destination)
+    check_free_space(destination, weights_bytes(model), f"the {fmt} file")
     model.check_input_size(example_size)
     model.eval()
     example = Inputs(EXPORT_BATCH, *example_size, seed=seed + 1).tensor()
@@ -174,16 +169,18 @@ def export_verified(
         start = time.perf_counter()
         try:
             details = module.export(model, staged, example, options)
+        except OSError:
+            raise
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportFailed(f"{fmt} export failed: {reason[:300]}") from exc
+            raise ExportFailed(f"{fmt} export failed: {first_line(exc)}") from exc
         seconds = time.perf_counter() - start
         size = sum(p.stat().st_size for p in [staged, *_companions(staged)] if p.exists())
         result = ExportResult(fmt, destination, False, seconds, size, details)
         if verify:
-            result.inputs = verification_inputs(input_config(model, example, options), seed)
+            artifact = module.load(staged)
+            result.inputs = verification_inputs(artifact.export, seed)
             result.comparison = compare_artifact(
-                module.load(staged),
+                artifact,
                 staged,
                 model,
                 result.inputs,

@@ -1,10 +1,10 @@
-"""Build, export and verify architectures for real, and write the README's coverage table.
+"""Build, export and verify architectures for real, and write docs/architectures.md's table.
 
 Each architecture runs in its own process (two tasks, random init, exported to every format at
 the smallest size where every stage keeps features of at least 2x2, each artifact verified at
 another batch and size), so its peak memory is measured on its own. Results are merged into
-docs/coverage.json; the README table between the coverage markers is regenerated from that
-file alone, so it only ever shows runs that happened.
+docs/coverage.json; the table between the coverage markers of docs/architectures.md is
+regenerated from that file alone, so it only ever shows runs that happened.
 
 Run: python scripts/coverage.py [ARCH ...]   (no ARCH: all 80; --missing: those not yet recorded;
      --table: only rewrite the table from docs/coverage.json)
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "coverage.json"
-README = ROOT / "README.md"
+TABLE_FILE = ROOT / "docs" / "architectures.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 FORMATS = ("onnx", "torchscript", "pt2")
 
@@ -41,7 +41,7 @@ def run_one(arch: str) -> dict:
     spec = arch_spec(arch)
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = CrossStitchBackbone.from_torchvision(arch, ["seg", "depth"]).eval()
+    model = CrossStitchBackbone.from_torchvision(arch, tasks=["seg", "depth"]).eval()
     with torch.no_grad():
         for unit in model.cross_stitch.values():
             unit.weight.uniform_(-1, 1)
@@ -108,7 +108,7 @@ def _cell(results: list[dict], fmt: str) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    """The README table: one row per family, from the recorded runs only."""
+    """The coverage table: one row per family, from the recorded runs only."""
     from crossstitch.stages import architectures
 
     families: dict[str, list[str]] = {}
@@ -141,18 +141,18 @@ def table(results: dict[str, dict]) -> str:
 
 
 def write_table(results: dict[str, dict]) -> None:
-    """Replace the text between the coverage markers in the README."""
-    text = README.read_text()
+    """Replace the text between the coverage markers of docs/architectures.md."""
+    text = TABLE_FILE.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{table(results)}\n{END}{tail}")
+    TABLE_FILE.write_text(f"{head}{START}\n{table(results)}\n{END}{tail}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("archs", nargs="*", help="architectures to run [default: all]")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--table", action="store_true", help="only rewrite the README table")
+    parser.add_argument("--table", action="store_true", help="only rewrite the coverage table")
     parser.add_argument(
         "--missing", action="store_true", help="run only the architectures not yet recorded"
     )

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import crossstitch
 from crossstitch.cli.app import app
-from helpers import build, randomize_units
+from helpers import build, randomize_units, without_progress
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def cli(tmp_path, monkeypatch):
 
     def run(*args: str):
         result = runner.invoke(app, list(args))
-        return result.exit_code, result.stdout, result.stderr
+        return result.exit_code, result.stdout, without_progress(result.stderr)
 
     return run
 

@@ -39,11 +39,18 @@ def build(
     arch: str = "resnet18", tasks=("seg", "depth"), **kwargs
 ) -> crossstitch.CrossStitchBackbone:
     torch.manual_seed(0)
-    return crossstitch.CrossStitchBackbone.from_torchvision(arch, list(tasks), **kwargs)
+    return crossstitch.CrossStitchBackbone.from_torchvision(arch, tasks=list(tasks), **kwargs)
 
 
 def image(batch: int = 2, size: int = SMALL, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def without_progress(stderr: str) -> str:
+    """stderr without the one line per long step the CLI prints when it is not a terminal."""
+    return "".join(
+        line for line in stderr.splitlines(keepends=True) if not line.rstrip().endswith(" ...")
+    )
 
 
 EXE = shutil.which("crossstitch", path=os.path.dirname(sys.executable)) or "crossstitch"

@@ -106,7 +106,7 @@ def test_weights_file_applies_to_every_task(tmp_path):
     classifier = torchvision.models.resnet18()
     path = tmp_path / "r18.pth"
     torch.save({"model": classifier.state_dict(), "epoch": 3}, path)
-    model = build(weights_file=str(path))
+    model = build(weights=path)
     for task in model.tasks:
         assert torch.equal(
             model.backbones[task].stages["layer4"][1].conv2.weight,

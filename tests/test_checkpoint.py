@@ -16,7 +16,7 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     loaded = crossstitch.load(path)
     assert loaded.tasks == model.tasks
     assert list(loaded.cross_stitch) == ["layer3"]
-    assert loaded.config["granularity"] == "layer"
+    assert loaded.config.granularity == "layer"
     x = image()
     want, got = model.eval()(x), loaded.eval()(x)
     assert all(torch.equal(want[t], got[t]) for t in model.tasks)
@@ -73,7 +73,8 @@ def test_foreign_and_hostile_files_are_refused(tmp_path, monkeypatch, kind):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "bad.pt"
     _write(path, kind)
-    with pytest.raises(CrossStitchError, match="not a crossstitch checkpoint"):
+    refused = "not a crossstitch checkpoint|not a readable zip archive|without running anything"
+    with pytest.raises(CrossStitchError, match=refused):
         crossstitch.load(path)
     assert not (tmp_path / "PWNED").exists()
 
@@ -91,8 +92,8 @@ def _resave(path, mutate):
         (lambda p: p.update(version="1"), "format version"),
         (lambda p: p.update(config=[]), "no config"),
         (lambda p: p["config"].update(alpha="0.9"), "'alpha'"),
-        (lambda p: p["config"].update(beta=float("nan")), "'beta' is not a finite"),
-        (lambda p: p["config"].update(tasks=[1, 2]), "'tasks' must be a list of names"),
+        (lambda p: p["config"].update(beta=float("nan")), "'beta' must be a finite"),
+        (lambda p: p["config"].update(tasks=[1, 2]), "'tasks' task names must be strings"),
         (lambda p: p["config"].update(arch="resnet99"), "unknown architecture"),
         (lambda p: p.update(state_dict={"x": 1}), "no valid state_dict"),
         (lambda p: p["state_dict"].pop("cross_stitch.layer1.weight"), "do not fit"),
@@ -108,7 +109,7 @@ def test_damaged_checkpoints_are_refused_with_the_reason(tmp_path, mutate, messa
 
 def test_read_does_not_need_the_model(tmp_path):
     crossstitch.save(build(), tmp_path / "m.pt")
-    assert read(tmp_path / "m.pt")["config"]["tasks"] == ["seg", "depth"]
+    assert read(tmp_path / "m.pt").config.tasks == ("seg", "depth")
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import crossstitch
+from crossstitch.cli.app import app
 
 
 def test_build_prints_the_stage_table_and_writes_the_checkpoint(cli, tmp_path):
@@ -68,8 +70,8 @@ def test_json_result_carries_config_and_summary(cli):
     assert result["config"]["beta"] == pytest.approx(0.3)
     summary = result["summary"]
     assert summary["input_size"] == [64, 96]
-    assert summary["stages"][4]["feature_size"] == [2, 3]
-    assert [s["stitch_params"] for s in summary["stages"]] == [0, 4, 0, 0, 4]
+    assert summary["feature_sizes"]["block5"] == [2, 3]
+    assert summary["unit_params"] == {"block2": 4, "block5": 4}
     assert summary["total_params"] == 2 * summary["params_per_task"] + summary["stitch_params"]
 
 
@@ -111,7 +113,8 @@ def test_entry_point_runs_the_readme_command_in_an_empty_folder(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "layer4" in result.stdout and result.stderr == ""
+    assert "layer4" in result.stdout
+    assert result.stderr == "Building resnet18 ...\n"
     assert (tmp_path / "crossstitch.pt").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["crossstitch.pt"]
 
@@ -119,7 +122,10 @@ def test_entry_point_runs_the_readme_command_in_an_empty_folder(tmp_path):
 BAD_INPUT = {
     "misspelt architecture": (["build", "resnet-18", "--tasks", "a", "b"], "did you mean resnet18"),
     "unknown architecture": (["build", "transformer9000", "--tasks", "a", "b"], "crossstitch list"),
-    "one task": (["build", "resnet18", "--tasks", "seg"], "at least two tasks"),
+    "one task": (
+        ["build", "resnet18", "--tasks", "seg"],
+        "--tasks: a cross-stitch network needs two",
+    ),
     "no tasks": (["build", "resnet18"], "Missing option '--tasks'"),
     "duplicate tasks": (["build", "resnet18", "--tasks", "seg", "seg"], "repeated: seg"),
     "task starting with digit": (["build", "resnet18", "--tasks", "2d", "depth"], "'2d'"),
@@ -127,11 +133,11 @@ BAD_INPUT = {
     "task with a space": (["build", "resnet18", "--tasks", "se g,depth"], "'se g'"),
     "nan alpha": (
         ["build", "resnet18", "--tasks", "a", "b", "--alpha", "nan"],
-        "alpha must be a finite",
+        "--alpha: must be a finite",
     ),
     "inf beta": (
         ["build", "resnet18", "--tasks", "a", "b", "--beta", "inf"],
-        "beta must be a finite",
+        "--beta: must be a finite",
     ),
     "alpha not a number": (
         ["build", "resnet18", "--tasks", "a", "b", "--alpha", "lots"],
@@ -169,7 +175,7 @@ BAD_INPUT = {
     "head without =": (["build", "resnet18", "--tasks", "a", "b", "--head", "a"], "TASK=CHANNELS"),
     "head of zero channels": (
         ["build", "resnet18", "--tasks", "a", "b", "--head", "a=0"],
-        "positive integer, got '0'",
+        "from 1 to 2147483647, got '0'",
     ),
     "head channels not a number": (
         ["build", "resnet18", "--tasks", "a", "b", "--head", "a=many"],
@@ -177,7 +183,7 @@ BAD_INPUT = {
     ),
     "head for unknown task": (
         ["build", "resnet18", "--tasks", "a", "b", "--head", "c=2"],
-        "heads given for unknown task c",
+        "--head: given for unknown task 'c'",
     ),
     "head given twice": (
         ["build", "resnet18", "--tasks", "a", "b", "--head", "a=2", "--head", "a=3"],
@@ -185,19 +191,19 @@ BAD_INPUT = {
     ),
     "output stride 4": (
         ["build", "resnet18", "--tasks", "a", "b", "--output-stride", "4"],
-        "unknown output stride 4; use one of: 8, 16, 32",
+        "'4' is not one of '32', '16', '8'",
     ),
     "output stride 64": (
         ["build", "resnet50", "--tasks", "a", "b", "--output-stride", "64"],
-        "unknown output stride 64; use one of: 8, 16, 32",
+        "'64' is not one of '32', '16', '8'",
     ),
     "output stride on vgg": (
         ["build", "vgg11", "--tasks", "a", "b", "--output-stride", "16"],
-        "output stride 16 needs dilated convolutions, which only the resnet family supports",
+        "--output-stride: 16 needs dilated convolutions, which only the resnet family supports",
     ),
     "unknown features": (
         ["build", "resnet18", "--tasks", "a", "b", "--features", "some"],
-        "unknown features 'some'; use one of: last, all",
+        "'some' is not one of 'last', 'all'",
     ),
     "output folder missing": (
         ["build", "resnet18", "--tasks", "a", "b", "-o", "nowhere/m.pt"],
@@ -221,9 +227,9 @@ BAD_INPUT = {
     ),
     "tasks in the arch slot": (
         ["build", "--tasks", "seg", "depth", "resnet18"],
-        "Missing argument",
+        "--tasks took 'resnet18' as a task name",
     ),
-    "empty task list": (["build", "resnet18", "--tasks", ","], "at least two tasks"),
+    "empty task list": (["build", "resnet18", "--tasks", ","], "needs two or more, got []"),
     "unknown command": (["bild", "resnet18"], "No such command 'bild'"),
     "unknown option": (["build", "resnet18", "--tasks", "a", "b", "--colour"], "--colour"),
 }
@@ -232,7 +238,7 @@ BAD_INPUT = {
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_one_error_line_with_exit_2(cli, tmp_path, case):
     args, expected = BAD_INPUT[case]
-    previous = tmp_path / "crossstitch.pt"
+    previous = tmp_path / "previous.pt"
     previous.write_bytes(b"previous good file")
     code, out, err = cli(*args)
     assert code == 2, (out, err)
@@ -241,19 +247,19 @@ def test_bad_input_is_one_error_line_with_exit_2(cli, tmp_path, case):
     assert expected in lines[0]
     assert "Traceback" not in err and out == ""
     assert previous.read_bytes() == b"previous good file"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["crossstitch.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous.pt"]
 
 
 def test_garbage_weights_file_is_refused(cli, tmp_path):
     Path(tmp_path / "junk.pth").write_bytes(b"\x00junk" * 100)
     code, _, err = cli("build", "resnet18", "--tasks", "a", "b", "--weights-file", "junk.pth")
-    assert code == 2 and err.startswith("Error: junk.pth is not a readable state_dict file")
+    assert code == 2 and err.startswith("Error: state_dict file junk.pth is not a readable zip")
 
 
 def test_debug_shows_the_traceback(cli):
     code, _, err = cli("build", "resnet18", "--tasks", "seg", "--debug")
     assert code == 2
-    assert "Traceback" in err and "Error: a cross-stitch network needs at least two tasks" in err
+    assert "Traceback" in err and "Error: --tasks: a cross-stitch network needs two or more" in err
 
 
 def test_help_list_and_usage_errors_do_not_import_torch():
@@ -275,7 +281,81 @@ def test_help_list_and_usage_errors_do_not_import_torch():
     assert result.stdout.strip().splitlines()[-1] == "[0, 0, 0, 2, 2, 2]"
 
 
+def test_long_steps_say_what_runs_when_not_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["build", "resnet18", "-t", "a,b", "--input-size", "32"])
+    assert result.exit_code == 0 and result.stderr == "Building resnet18 ...\n"
+    result = CliRunner().invoke(app, ["build", "resnet18", "-t", "a,b", "--json", "-o", "j.pt"])
+    assert result.exit_code == 0 and result.stderr == ""
+
+
 def test_tiny_inputs_still_summarise(cli):
     code, out, err = cli("build", "resnet18", "--tasks", "a", "b", "--input-size", "32", "--json")
     assert code == 0, err
-    assert json.loads(out)["summary"]["stages"][3]["feature_size"] == [1, 1]
+    assert json.loads(out)["summary"]["feature_sizes"]["layer4"] == [1, 1]
+
+
+def test_typer_usage_errors_keep_the_interface_the_cli_relies_on():
+    """cli/typer_adapter.py reads Typer's usage errors by their interface; an upgrade of Typer
+    that changes it fails here first."""
+    from typer.core import TyperGroup
+    from typer.main import get_command
+
+    from crossstitch.cli.typer_adapter import usage_error
+
+    command = get_command(app)
+    for args, expected in (
+        (["build", "resnet18", "-t", "a", "--colour"], "--colour"),
+        (["build"], "Missing argument 'ARCH'"),
+        (["verify", "--seed", "x"], "'x'"),
+    ):
+        with pytest.raises(Exception) as caught:
+            TyperGroup.main(command, args, prog_name="crossstitch", standalone_mode=False)
+        problem = usage_error(caught.value)
+        assert problem is not None and problem.exit_code == 2, caught.value
+        assert expected in problem.message
+        assert problem.hint == f"Try 'crossstitch {args[0]} --help' for help."
+    assert usage_error(ValueError("not a usage error")) is None
+
+
+def test_help_shows_every_default_and_choice():
+    def show(*args: str) -> str:
+        result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "240"})
+        assert result.exit_code == 0
+        return " ".join(result.stdout.replace("│", " ").split())
+
+    text = show("build")
+    for shown in (
+        "[default: 0.9]",
+        "(1-alpha)/(T-1)",
+        "<channel|layer>",
+        "<32|16|8>",
+        "<last|all>",
+        "[default: crossstitch.pt]",
+    ):
+        assert shown in text, shown
+    text = show("export")
+    assert "<onnx|torchscript|pt2|all>" in text and "per format" in text
+
+
+def test_python_dash_m_and_completion_work_without_torch(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "crossstitch", "--version"], capture_output=True, text=True
+    )
+    assert (
+        result.returncode == 0 and result.stdout.strip() == f"crossstitch {crossstitch.__version__}"
+    )
+    script = (
+        "import os, sys\n"
+        "os.environ.update(_CROSSSTITCH_COMPLETE='complete_bash', COMP_WORDS='crossstitch bu',"
+        " COMP_CWORD='1')\n"
+        "from crossstitch.cli.app import app\n"
+        "try:\n"
+        "    app(prog_name='crossstitch')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "build" in result.stdout.split()

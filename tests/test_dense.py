@@ -1,5 +1,6 @@
 """Dense prediction options: output stride by dilation, and every stitched stage's features."""
 
+import dataclasses
 import json
 
 import onnx
@@ -7,10 +8,12 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 import crossstitch
 from crossstitch import CrossStitchError, check_parity
 from crossstitch.dilation import dilate_resnet
+from crossstitch.exporters.common import Artifact, ExportInput
 from crossstitch.exporters.pipeline import check_compatible
 from crossstitch.inspection import inspect_checkpoint
 from crossstitch.summary import summarize
@@ -58,22 +61,53 @@ def test_bottleneck_dilation_equals_torchvisions(arch, output_stride):
     assert torch.equal(ours(x), theirs(x))
 
 
-def test_basic_blocks_are_dilated_by_the_same_rule():
+# DeepLab's rule, written out: in a layer whose grid becomes f times finer, the strided 3x3
+# conv of its first block is dilated by f/2 and every later 3x3 conv by f.
+FINER = {16: {"layer4": 2}, 8: {"layer3": 2, "layer4": 4}}
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor, dilation: int, stride: int) -> torch.Tensor:
+    padding = dilation if conv.kernel_size == (3, 3) else 0
+    return F.conv2d(x, conv.weight, conv.bias, stride, padding, dilation, conv.groups)
+
+
+def _block_by_hand(block: nn.Module, x: torch.Tensor, first: bool, f: int) -> torch.Tensor:
+    """One residual block with DeepLab's dilations applied by hand (``f`` 1: undilated)."""
+    basic = isinstance(block, torchvision.models.resnet.BasicBlock)
+    strided = f // 2 if first and f > 1 else f
+    stride = (block.conv1 if basic else block.conv2).stride[0] if f == 1 else 1
+    if basic:
+        out = block.relu(block.bn1(_conv(block.conv1, x, strided, stride)))
+        out = block.bn2(_conv(block.conv2, out, f, 1))
+    else:
+        out = block.relu(block.bn1(_conv(block.conv1, x, 1, 1)))
+        out = block.relu(block.bn2(_conv(block.conv2, out, strided, stride)))
+        out = block.bn3(_conv(block.conv3, out, 1, 1))
+    identity = x
+    if block.downsample is not None:
+        conv, bn = block.downsample
+        identity = bn(_conv(conv, x, 1, stride))
+    return block.relu(out + identity)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_dilation_follows_deeplabs_rule_bit_for_bit(arch, output_stride):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    dilate_resnet(model, 8)
-    dilations = [
-        [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in layer]
-        for layer in (model.layer2, model.layer3, model.layer4)
-    ]
-    assert dilations == [[(1, 1), (1, 1)], [(1, 1), (2, 2)], [(2, 2), (4, 4)]]
-    convs = [c for c in model.modules() if isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3)]
-    assert all(c.padding == c.dilation for c in convs)
-    assert model.layer2[0].conv1.stride == (2, 2)
-    assert model.layer3[0].conv1.stride == model.layer3[0].downsample[0].stride == (1, 1)
-    assert model.layer4[0].conv1.stride == model.layer4[0].downsample[0].stride == (1, 1)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    plain = torchvision.models.get_model(arch).eval()
+    dilated = torchvision.models.get_model(arch).eval()
+    dilated.load_state_dict(plain.state_dict())
+    dilate_resnet(dilated, output_stride)
+    x = image(batch=1)
+    with torch.no_grad():
+        want = plain.maxpool(plain.relu(plain.bn1(plain.conv1(x))))
+        for name in STAGES:
+            f = FINER[output_stride].get(name, 1)
+            for index, block in enumerate(getattr(plain, name)):
+                want = _block_by_hand(block, want, index == 0, f)
+        got = _trunk(dilated)(x)
+    assert got.shape[-1] == SMALL // output_stride
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -98,8 +132,8 @@ def test_stages_report_the_dilated_reduction(output_stride, reductions, sizes):
     assert [s.channels for s in model.stages] == [256, 512, 1024, 2048]
     summary = summarize(model, (SMALL, SMALL))
     assert [row.reduction for row in summary.stages] == reductions
-    assert [row.feature_size for row in summary.stages] == [(s, s) for s in sizes]
-    assert summary.output_stride == output_stride
+    assert list(summary.feature_sizes.values()) == [(s, s) for s in sizes]
+    assert summary.config.output_stride == output_stride
     assert summary.outputs[0].shape == (2048, sizes[-1], sizes[-1])
 
 
@@ -138,13 +172,13 @@ def test_all_features_are_the_stitched_ones():
 
 
 def test_unknown_features_and_strides_are_refused_before_building():
-    with pytest.raises(CrossStitchError, match="unknown features 'some'; use one of: last, all"):
+    with pytest.raises(CrossStitchError, match="features: must be one of last, all, got 'some'"):
         build(features="some")
-    with pytest.raises(CrossStitchError, match="unknown output stride 4; use one of: 8, 16, 32"):
+    with pytest.raises(CrossStitchError, match="output_stride: must be one of 8, 16, 32, got 4"):
         build(output_stride=4)
     with pytest.raises(CrossStitchError, match="only the resnet family supports"):
         build("vgg11", output_stride=8)
-    with pytest.raises(CrossStitchError, match="unknown features"):
+    with pytest.raises(CrossStitchError, match="features: must be one of"):
         crossstitch.CrossStitchBackbone(
             {"a": torchvision.models.resnet18(), "b": torchvision.models.resnet18()},
             features="first",
@@ -156,7 +190,7 @@ def test_checkpoint_keeps_output_stride_and_features(tmp_path):
     randomize_units(model)
     path = crossstitch.save(model, tmp_path / "m.pt")
     loaded = crossstitch.load(path)
-    assert loaded.config["output_stride"] == 8 and loaded.config["features"] == "all"
+    assert loaded.config.output_stride == 8 and loaded.config.features == "all"
     assert [s.reduction for s in loaded.stages] == [4, 8, 8, 8]
     x = image()
     want, got = model.eval()(x), loaded.eval()(x)
@@ -172,7 +206,7 @@ def test_checkpoints_without_the_options_load_as_before(tmp_path):
     del payload["config"]["output_stride"], payload["config"]["features"]
     torch.save(payload, path)
     loaded = crossstitch.load(path)
-    assert (loaded.config["output_stride"], loaded.config["features"]) == (32, "last")
+    assert (loaded.config.output_stride, loaded.config.features) == (32, "last")
     assert list(loaded.eval()(image())) == ["seg", "depth"]
     payload["config"]["output_stride"] = 4
     torch.save(payload, path)
@@ -182,12 +216,14 @@ def test_checkpoints_without_the_options_load_as_before(tmp_path):
 
 def test_an_artifact_of_other_outputs_is_not_compared():
     model = build()
-    config = {**model.config, "features": "all"}
-    with pytest.raises(CrossStitchError, match="features is all there, last in the checkpoint"):
-        check_compatible(config, model, "m.onnx")
-    config = {**model.config, "output_stride": 16}
-    with pytest.raises(CrossStitchError, match="output_stride is 16 there"):
-        check_compatible(config, model, "m.onnx")
+    export = ExportInput((2, 3, 64, 64), dynamic=True, spatial_free=True)
+    for change, message in (
+        ({"features": "all"}, "features is all there, last in the checkpoint"),
+        ({"output_stride": 16}, "output_stride is 16 there"),
+    ):
+        artifact = Artifact(dataclasses.replace(model.config, **change), export, model)
+        with pytest.raises(CrossStitchError, match=message):
+            check_compatible(artifact, model, "m.onnx")
 
 
 def test_build_summary_shows_output_stride_and_outputs(cli):

@@ -10,9 +10,11 @@ import torch
 import torchvision
 
 import crossstitch
-from crossstitch.backbone import CrossStitchBackbone
+from crossstitch.backbone import CrossStitchBackbone, torchvision_config
+from crossstitch.backbone import build as build_model
+from crossstitch.config import CrossStitchConfig
 from crossstitch.errors import CrossStitchError
-from crossstitch.exporters.common import ExportOptions
+from crossstitch.exporters.common import Artifact, ExportInput, ExportOptions
 from crossstitch.exporters.pipeline import check_artifact_size, export_verified
 from crossstitch.families import FAMILIES, InputTransform
 from crossstitch.reference import check_parity
@@ -119,7 +121,9 @@ GOOGLENET_TRUNK = (
 
 
 def test_a_checkpoint_rebuilds_the_network_its_named_weights_imply(tmp_path):
-    model = build("googlenet", weights="IMAGENET1K_V1", load_weights=False).eval()
+    config = torchvision_config("googlenet", tasks=["seg", "depth"], weights="IMAGENET1K_V1")
+    torch.manual_seed(0)
+    model = build_model(config, load_weights=False).eval()
     randomize_units(model)
     assert isinstance(model.backbones["seg"].stem, InputTransform)
     crossstitch.save(model, tmp_path / "g.pt")
@@ -191,7 +195,11 @@ def test_vit_artifacts_take_any_batch_at_its_one_size(tmp_path):
     ],
 )
 def test_artifacts_with_a_fixed_size_refuse_other_sizes(config, size, expected):
-    config = {**config, "export_input": [2, 3, 224, 224], "spatial_free": False}
+    artifact = Artifact(
+        CrossStitchConfig(arch=config["arch"], family=config["family"], tasks=("a", "b")),
+        ExportInput((2, 3, 224, 224), config["dynamic"], spatial_free=False),
+        run=print,
+    )
     with pytest.raises(CrossStitchError, match=expected):
-        check_artifact_size(config, Path("m.onnx"), size)
-    check_artifact_size(config, Path("m.onnx"), (224, 224))
+        check_artifact_size(artifact, Path("m.onnx"), size)
+    check_artifact_size(artifact, Path("m.onnx"), (224, 224))

@@ -21,21 +21,21 @@ def test_heads_give_per_pixel_outputs_and_other_tasks_keep_their_features():
     assert out["depth"].shape == (2, 1, 64, 96)
     assert out["normals"].shape == (2, 512, 2, 3)
     assert isinstance(model.heads["seg"], DenseHead) and "normals" not in model.heads
-    assert model.config["heads"] == {"seg": 21, "depth": 1}
+    assert model.config.head_channels == {"seg": 21, "depth": 1}
 
 
 def test_a_module_head_is_used_as_given_and_resized_to_the_input():
     head = nn.Conv2d(512, 4, kernel_size=1)
     model = build(heads={"depth": head})
     assert model.heads["depth"] is head
-    assert model.config["heads"] == {}
+    assert model.config.heads == ()
     assert model(image(batch=1, size=80))["depth"].shape == (1, 4, 80, 80)
 
 
 @pytest.mark.parametrize(
     ("heads", "message"),
     [
-        ({"edges": 2}, "unknown task edges"),
+        ({"edges": 2}, "unknown task 'edges'"),
         ({"seg": 0}, "positive number of output channels"),
         ({"seg": -3}, "got -3"),
         ({"seg": True}, "got True"),
@@ -70,7 +70,7 @@ def test_heads_survive_a_checkpoint(tmp_path):
     with torch.no_grad():
         model.heads["depth"].classifier.bias.fill_(0.25)
     loaded = crossstitch.load(crossstitch.save(model, tmp_path / "m.pt"))
-    assert loaded.config["heads"] == {"depth": 1}
+    assert loaded.config.head_channels == {"depth": 1}
     x = image()
     want, got = model.eval()(x), loaded.eval()(x)
     assert got["depth"].shape == (2, 1, 64, 64)

@@ -1,6 +1,6 @@
 """The full matrix, on demand (`pytest -m slow tests/test_matrix.py`): every torchvision
 architecture builds with two tasks, exports to every format and verifies. It runs the same code
-as scripts/coverage.py, which records these runs for the README."""
+as scripts/coverage.py, which records these runs in docs/architectures.md."""
 
 import pytest
 

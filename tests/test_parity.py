@@ -47,8 +47,8 @@ def test_reference_is_the_formula():
 
 @pytest.mark.parametrize("tasks", [2, 3, 4])
 def test_reference_adds_as_torch_sum_over_the_stack_does_up_to_four_tasks(tasks):
-    """DESIGN §1 states the reference as ``torch.sum`` over the stacked products; up to four
-    tasks the written-out sum is that, bit for bit, on every tail length of a vector."""
+    """Up to four tasks the written-out sum (docs/design.md §2) equals ``torch.sum`` over the
+    stacked products, bit for bit, on every tail length of a vector."""
     generator = torch.Generator().manual_seed(tasks)
     weight = torch.randn(tasks, tasks, generator=generator)
     for size in [*range(1, 70), 1000, 1001, 4097]:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -36,3 +38,18 @@ def test_every_python_example_runs_and_writes_what_it_saves(tmp_path, monkeypatc
     exec(compile(block, "README.md", "exec"), {})
     for saved in re.findall(r'crossstitch\.save\(\w+, "([^"]+)"\)', block):
         assert (tmp_path / saved).is_file()
+
+
+def test_the_samples_in_the_docs_are_the_real_output():
+    samples = load_script("docs_samples")
+    text = samples.DOC.read_text()
+    assert set(samples.MARKER.findall(text)) == set(samples.SAMPLES)
+    assert samples.render(text) == text, "run python scripts/docs_samples.py"
+
+
+def test_the_readme_stays_short_and_links_the_manual():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    for doc in ("python", "cli", "architectures", "performance", "design"):
+        assert f"(docs/{doc}.md)" in text
+        assert (README.parent / "docs" / f"{doc}.md").is_file()

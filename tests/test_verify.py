@@ -104,7 +104,7 @@ BAD_FILES = {
     "pickle running code": (lambda p: p.write_bytes(pickle.dumps(RunsCode())), "neither"),
     "torch.save running code": (
         lambda p: torch.save({"x": RunsCode()}, p),
-        "not a crossstitch checkpoint",
+        "refused without running anything",
     ),
     "a folder": (lambda p: p.mkdir(), "not a file"),
 }
@@ -124,7 +124,7 @@ def test_bad_files_are_refused_without_running_anything(cli, folder, case):
 
 
 BAD_EXPORTS = {
-    "unknown format": (["--format", "tflite"], "unknown format 'tflite'"),
+    "unknown format": (["--format", "tflite"], "'tflite' is not one of 'onnx'"),
     "missing format": ([], "Missing option '--format'"),
     "missing model": (["--format", "onnx", "--model", "nope.pt"], "nope.pt does not exist"),
     "model is an artifact": (
