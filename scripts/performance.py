@@ -5,7 +5,10 @@ made from its JSON alone, with the machine and the command that produced them, s
 ever show runs that happened. Run it on a quiet machine: the variants are timed interleaved, but
 a busy machine still widens the spread (bench warns when it does).
 
-Run: python scripts/performance.py [--runs 20]
+The VM's timings drift by a few percent from run to run, so each benchmark runs ``--repeats``
+times: the README shows every run's ratio, the docs the full table of each run.
+
+Run: python scripts/performance.py [--runs 20] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -67,20 +70,30 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def summary(results: dict[str, dict]) -> str:
-    """The README's table: the cross-stitch model over its bare backbones, per run and mode."""
-    rows = [
-        "| model | mode | eager | compiled | command |",
-        "| --- | --- | ---: | ---: | --- |",
+def ratios(runs: list[dict], mode: str, variant: str) -> str:
+    """One variant's ratio to its baseline in every run, in run order."""
+    found = [
+        t["ratio"]
+        for run in runs
+        for t in run["timings"]
+        if (t["mode"], t["name"]) == (mode, variant)
     ]
-    for name, result in results.items():
+    return " / ".join(f"{r:.3f}x" for r in found) or "-"
+
+
+def summary(results: dict[str, list[dict]]) -> str:
+    """The README's table: the cross-stitch model over its bare backbones, every run."""
+    rows = [
+        "| model | mode | eager, each run | compiled, each run | command |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, runs in results.items():
+        first = runs[0]
         for mode in ("inference", "training"):
-            ratios = {t["name"]: t["ratio"] for t in result["timings"] if t["mode"] == mode}
-            eager = ratios.get("cross-stitch")
-            compiled = ratios.get("compiled cross-stitch")
             rows.append(
-                f"| {result['arch']} × {len(result['tasks'])} tasks | {mode} | "
-                f"{eager:.3f}x | {'-' if compiled is None else f'{compiled:.3f}x'} | "
+                f"| {first['arch']} × {len(first['tasks'])} tasks | {mode} | "
+                f"{ratios(runs, mode, 'cross-stitch')} | "
+                f"{ratios(runs, mode, 'compiled cross-stitch')} | "
                 f"`crossstitch {BENCHMARKS[name]}` |"
             )
     return "\n".join(rows)
@@ -98,12 +111,20 @@ def replace(path: Path, marker: str, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="timed calls per variant")
-    runs = parser.parse_args().runs
-    results = {name: run(command, runs) for name, command in BENCHMARKS.items()}
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each benchmark")
+    args = parser.parse_args()
+    results = {
+        name: [run(command, args.runs) for _ in range(args.repeats)]
+        for name, command in BENCHMARKS.items()
+    }
     sections = [f"Measured on: {machine()}."]
-    for name, result in results.items():
-        sections.append(f"`crossstitch {BENCHMARKS[name]} --runs {runs}`\n\n{table(result)}")
-        sections += [f"Warning from bench: {w}" for w in result["warnings"]]
+    for name, runs in results.items():
+        for index, result in enumerate(runs, 1):
+            sections.append(
+                f"`crossstitch {BENCHMARKS[name]} --runs {args.runs}`, run {index} of "
+                f"{len(runs)}\n\n{table(result)}"
+            )
+            sections += [f"Warning from bench: {w}" for w in result["warnings"]]
     replace(DOC, "performance", "\n\n".join(sections))
     replace(README, "performance", f"{summary(results)}\n\nMeasured on: {machine()}.")
 

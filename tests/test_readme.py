@@ -1,4 +1,4 @@
-"""The README's commands and its Python examples stay true."""
+"""The README and the docs stay true: commands, Python examples, samples and error messages."""
 
 import re
 from pathlib import Path
@@ -53,3 +53,12 @@ def test_the_readme_stays_short_and_links_the_manual():
     for doc in ("python", "cli", "architectures", "performance", "design"):
         assert f"(docs/{doc}.md)" in text
         assert (README.parent / "docs" / f"{doc}.md").is_file()
+
+
+@pytest.mark.parametrize("options", [{"tasks": ["a", "b"], "output_stride": 12}, {"tasks": "seg"}])
+def test_the_library_errors_shown_in_the_docs_are_real(options):
+    import crossstitch
+
+    with pytest.raises(crossstitch.CrossStitchError) as caught:
+        crossstitch.CrossStitchBackbone.from_torchvision("resnet18", **options)
+    assert f"\n{caught.value}\n" in (README.parent / "docs" / "python.md").read_text()
