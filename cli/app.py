@@ -21,6 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 import crossstitch
+from crossstitch.config import MAX_CHANNELS, MAX_INPUT_SIZE, MAX_SEED
 from crossstitch.errors import CrossStitchError, first_line
 from crossstitch.exporters.errors import ExportFailed
 from crossstitch.stages import arch_spec, architectures, check_fixed_size
@@ -191,7 +192,6 @@ class OutputStride(str, Enum):
 
 
 FLAG = ""  # the metavar of a flag: it takes no value
-MAX_SEED = 2**63 - 1
 JsonOption = Annotated[
     bool,
     typer.Option(
@@ -210,7 +210,17 @@ DebugOption = Annotated[
     bool,
     typer.Option("--debug", metavar=FLAG, help="Show tracebacks and library warnings on failure."),
 ]
-SIZE_HELP = "SIZE, or HEIGHT WIDTH, from 1 to 65536"
+
+
+def size_option(what: str, default: str) -> Any:
+    """The ``--input-size`` option of a command: one or two sizes in range, ``what`` they size."""
+    return typer.Option(
+        metavar="SIZE|H W",
+        min=1,
+        max=MAX_INPUT_SIZE,
+        show_default=default,
+        help=f"{what}: SIZE, or HEIGHT WIDTH, from 1 to {MAX_INPUT_SIZE}.",
+    )
 
 
 def _show_version(value: bool) -> None:
@@ -235,13 +245,11 @@ def root(
 
 
 def _input_size(values: list[int]) -> tuple[int, int]:
-    from crossstitch.config import MAX_INPUT_SIZE
-
-    if len(values) not in (1, 2) or any(not 1 <= v <= MAX_INPUT_SIZE for v in values):
+    """``(height, width)`` from one or two sizes; their range is the option's (``size_option``)."""
+    if len(values) not in (1, 2):
         given = " ".join(map(str, values))
         raise CrossStitchError(
-            f"--input-size takes one or two integers from 1 to {MAX_INPUT_SIZE} (SIZE or HEIGHT "
-            f"WIDTH), got {given}"
+            f"--input-size takes one or two sizes (SIZE or HEIGHT WIDTH), got {given}"
         )
     return (values[0], values[-1])
 
@@ -266,9 +274,9 @@ def _task_pairs(option: str, metavar: str, values: list[str]) -> dict[str, str]:
 def _heads(values: list[str]) -> dict[str, int]:
     heads = _task_pairs("--head", "CHANNELS", values)
     for task, channels in heads.items():
-        if not channels.isdigit() or not 1 <= int(channels) <= 2**31 - 1:
+        if not channels.isdigit() or not 1 <= int(channels) <= MAX_CHANNELS:
             raise CrossStitchError(
-                f"--head {task}={channels}: CHANNELS must be an integer from 1 to 2147483647, "
+                f"--head {task}={channels}: CHANNELS must be an integer from 1 to {MAX_CHANNELS}, "
                 f"got '{channels}'"
             )
     return {task: int(channels) for task, channels in heads.items()}
@@ -351,12 +359,9 @@ def build(
     ] = Features.last,
     input_size: Annotated[
         list[int] | None,
-        typer.Option(
-            metavar="SIZE|H W",
-            min=1,
-            max=65536,
-            show_default="224, or the size a fixed-size model takes",
-            help=f"Input size for the summary's feature sizes: {SIZE_HELP}.",
+        size_option(
+            "Input size for the summary's feature sizes",
+            default="224, or the size a fixed-size model takes",
         ),
     ] = None,
     seed: Annotated[
@@ -470,12 +475,8 @@ def export(
     ] = False,
     input_size: Annotated[
         list[int] | None,
-        typer.Option(
-            metavar="SIZE|H W",
-            min=1,
-            max=65536,
-            show_default="224, or the size a fixed-size model takes",
-            help=f"Example input size for the export: {SIZE_HELP}.",
+        size_option(
+            "Example input size for the export", default="224, or the size a fixed-size model takes"
         ),
     ] = None,
     no_verify: Annotated[
@@ -571,13 +572,7 @@ def verify(
     ] = None,
     input_size: Annotated[
         list[int] | None,
-        typer.Option(
-            metavar="SIZE|H W",
-            min=1,
-            max=65536,
-            show_default="256 288; for an artifact its export size + (32, 64)",
-            help=f"Input size: {SIZE_HELP}.",
-        ),
+        size_option("Input size", default="256 288; for an artifact its export size + (32, 64)"),
     ] = None,
     seed: Annotated[
         int, typer.Option(min=0, max=MAX_SEED, help="Seed of the random inputs (reported).")
@@ -701,13 +696,7 @@ def bench(
     batch: Annotated[int, typer.Option(min=1, help="Batch size.")] = 4,
     input_size: Annotated[
         list[int] | None,
-        typer.Option(
-            metavar="SIZE|H W",
-            min=1,
-            max=65536,
-            show_default="128, or the size a fixed-size model takes",
-            help=f"Input size: {SIZE_HELP}.",
-        ),
+        size_option("Input size", default="128, or the size a fixed-size model takes"),
     ] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timed calls per variant.")] = 10,
     threads: Annotated[

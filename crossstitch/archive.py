@@ -109,6 +109,22 @@ class _Where:
         return _Where(self.what, self.path, (*self.trail, name))
 
 
+def member_names(path: Path, what: str) -> list[str]:
+    """The names of ``path``'s members, read from its zip directory after the directory checks
+    of ``check_archive`` (names, declared sizes); no member is read.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except _ZIP_ERRORS as exc:
+        raise CrossStitchError(
+            f"{what} {path} is not a readable zip archive ({first_line(exc, 200)})"
+        ) from exc
+    _check_directory(infos, path.stat().st_size, _Where(what, path))
+    return [info.filename for info in infos]
+
+
 def check_archive(path: Path, what: str) -> None:
     """Raise ``CrossStitchError`` unless torch can open ``path`` without running code from it.
 

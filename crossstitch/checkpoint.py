@@ -24,7 +24,7 @@ from crossstitch.backbone import CrossStitchBackbone, build
 from crossstitch.config import CrossStitchConfig
 from crossstitch.errors import CrossStitchError
 from crossstitch.files import atomic_path, check_free_space, check_output_path
-from crossstitch.memory import check_build
+from crossstitch.memory import check_build, weights_bytes
 
 FORMAT = "crossstitch"
 VERSION = 1
@@ -63,14 +63,12 @@ def save(model: CrossStitchBackbone, path: str | os.PathLike[str]) -> Path:
             "rebuild it; save model.state_dict() instead, or give the head as a number of "
             "output channels"
         )
-    state = model.state_dict()
-    size = sum(t.numel() * t.element_size() for t in state.values())
-    check_free_space(check_output_path(path), size, "the checkpoint")
+    check_free_space(check_output_path(path), weights_bytes(model), "the checkpoint")
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "config": {**model.config.to_dict(), "versions": library_versions()},
-        "state_dict": state,
+        "state_dict": model.state_dict(),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)

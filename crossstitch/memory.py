@@ -10,6 +10,7 @@ from __future__ import annotations
 import psutil
 import torch
 import torchvision
+from torch import nn
 
 from crossstitch.config import CrossStitchConfig
 from crossstitch.errors import CrossStitchError
@@ -23,6 +24,12 @@ def available_bytes() -> int:
     return psutil.virtual_memory().available
 
 
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers: its weights in memory, about what a file of it
+    stores."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def classifier_bytes(arch: str) -> int | None:
     """Bytes of one float32 copy of the torchvision classifier, counted on the meta device.
 
@@ -33,7 +40,7 @@ def classifier_bytes(arch: str) -> int | None:
             model = torchvision.models.get_model(arch)
     except NotImplementedError:
         return None
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return weights_bytes(model)
 
 
 def dense_head_bytes(in_channels: int, out_channels: int) -> int:

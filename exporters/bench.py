@@ -31,7 +31,8 @@ from crossstitch.summary import activation_bytes
 
 from . import onnx
 from .common import Artifact
-from .formats import FORMATS
+from .formats import FORMATS, default_path
+from .pipeline import check_compatible
 
 BASELINE = "bare backbones"
 STITCHED = "cross-stitch"
@@ -177,9 +178,6 @@ def artifacts_beside(
     Each is checked and loaded like any artifact (a hostile file is refused); one whose stored
     config describes another network is left out, and the second list says which and why.
     """
-    from .formats import default_path
-    from .pipeline import check_compatible
-
     found, skipped = {}, []
     for fmt, module in FORMATS.items():
         path = default_path(model_path, fmt)

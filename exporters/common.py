@@ -85,11 +85,6 @@ def torch_artifact(module: Callable, config: str, path: Path, kind: str) -> Arti
     return Artifact(*read_artifact_config(config, path), run)
 
 
-def weights_bytes(model: CrossStitchBackbone) -> int:
-    """Bytes of the model's parameters and buffers: about what an artifact stores."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
 # Families whose artifacts keep the export's height and width, and why.
 FIXED_SPATIAL = {
     "swin": "torch.export specialises Swin's window padding to the export size: a swin_t program "

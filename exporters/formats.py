@@ -6,7 +6,7 @@ import zipfile
 from pathlib import Path
 from types import ModuleType
 
-from crossstitch.archive import check_archive
+from crossstitch.archive import member_names
 from crossstitch.errors import CrossStitchError
 
 from . import onnx, pt2, torchscript
@@ -25,12 +25,7 @@ def detect(path: Path) -> str:
     if not path.is_file():
         raise CrossStitchError(f"{path} does not exist or is not a file")
     if zipfile.is_zipfile(path):
-        check_archive(path, "file")
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise CrossStitchError(f"{path} is a damaged archive ({exc})") from exc
+        names = member_names(path, "file")
         if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
             return torchscript.NAME
         if any(n.endswith("/archive_format") for n in names):

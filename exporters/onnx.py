@@ -17,6 +17,7 @@ from torch import Tensor
 from crossstitch.backbone import CrossStitchBackbone
 from crossstitch.config import CrossStitchConfig
 from crossstitch.errors import CrossStitchError, first_line
+from crossstitch.memory import weights_bytes
 
 from .common import (
     INPUT_NAME,
@@ -29,7 +30,6 @@ from .common import (
     quiet,
     read_artifact_config,
     spatial_free,
-    weights_bytes,
 )
 
 NAME = "onnx"

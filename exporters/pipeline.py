@@ -21,10 +21,10 @@ from torch import Tensor
 from crossstitch.backbone import CrossStitchBackbone
 from crossstitch.errors import CrossStitchError, first_line
 from crossstitch.files import check_free_space, check_output_path
-from crossstitch.memory import check_fits
+from crossstitch.memory import check_fits, weights_bytes
 from crossstitch.summary import activation_bytes, probe_or_refuse
 
-from .common import FIXED_SPATIAL, Artifact, ExportInput, ExportOptions, weights_bytes
+from .common import FIXED_SPATIAL, Artifact, ExportInput, ExportOptions
 from .compare import Comparison, compare_outputs
 from .errors import ExportFailed
 from .formats import FORMATS
