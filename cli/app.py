@@ -25,6 +25,7 @@ from crossstitch.config import MAX_CHANNELS, MAX_INPUT_SIZE, MAX_SEED
 from crossstitch.errors import CrossStitchError, first_line
 from crossstitch.exporters.errors import ExportFailed
 from crossstitch.stages import arch_spec, architectures, check_fixed_size
+from crossstitch.timm_backbones import timm_name
 
 from . import render
 from .argv import expand_multi_values, split_commas
@@ -46,6 +47,7 @@ OPTIONS = {
     "task_weights": "--task-weights",
     "input_size": "--input-size",
     "seed": "--seed",
+    "pattern": "PATTERN",
 }
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 # The exit code Typer returns for Ctrl-C (128 + SIGINT).
@@ -131,7 +133,7 @@ def greedy_tasks(args: list[str]) -> str | None:
     named = any(a.split("=", 1)[0] in ("--tasks", "-t") for a in args)
     if len(args) < 2 or args[0] not in ("build", "bench") or not named:
         return None
-    archs = [a for a in args[1:] if a in architectures()]
+    archs = [a for a in args[1:] if a in architectures() or a.startswith("timm/")]
     if not archs or args[1] == archs[0]:
         return None
     tasks = [a for a in dict.fromkeys(args[1:]) if not a.startswith("-") and a not in archs]
@@ -189,6 +191,15 @@ class OutputStride(str, Enum):
     s32 = "32"
     s16 = "16"
     s8 = "8"
+
+
+class Runtime(str, Enum):
+    """What runs a model: eager PyTorch for a checkpoint, an artifact's own runtime otherwise."""
+
+    eager = "eager"
+    onnx = "onnx"
+    pt2 = "pt2"
+    torchscript = "torchscript"
 
 
 FLAG = ""  # the metavar of a flag: it takes no value
@@ -255,6 +266,8 @@ def _input_size(values: list[int]) -> tuple[int, int]:
 
 
 DEFAULT_SIZE = 224
+# ``list --timm`` describes each model by building it on the meta device: about 0.1 s each.
+TIMM_LIST_LIMIT = 30
 BENCH_SIZE = 128
 
 
@@ -282,12 +295,24 @@ def _heads(values: list[str]) -> dict[str, int]:
     return {task: int(channels) for task, channels in heads.items()}
 
 
+def _timm_pretrained(weights: str) -> bool:
+    """``--weights`` for a timm model: pretrained (timm's download) or none."""
+    if weights.lower() not in ("pretrained", "none"):
+        raise CrossStitchError(
+            f"--weights: a timm model takes pretrained or none, got {weights!r} (a state_dict "
+            "file: --weights-file PATH)"
+        )
+    return weights.lower() == "pretrained"
+
+
 @app.command()
 def build(
     arch: Annotated[
         str,
         typer.Argument(
-            metavar="ARCH", help="torchvision architecture, e.g. resnet18 (see `crossstitch list`)."
+            metavar="ARCH",
+            help="torchvision architecture, e.g. resnet18 (see `crossstitch list`), or timm/NAME "
+            "(see `crossstitch list --timm`).",
         ),
     ],
     tasks: Annotated[
@@ -302,7 +327,7 @@ def build(
         str,
         typer.Option(
             help="torchvision weights for every task: DEFAULT, IMAGENET1K_V1, ... (see "
-            "`crossstitch list`) or none."
+            "`crossstitch list`) or none; for timm/NAME: pretrained (timm's download) or none."
         ),
     ] = "none",
     weights_file: Annotated[
@@ -357,6 +382,15 @@ def build(
             "TASK.STAGE, plus each head."
         ),
     ] = Features.last,
+    checkpoint_stages: Annotated[
+        bool,
+        typer.Option(
+            "--checkpoint-stages",
+            metavar=FLAG,
+            help="Recompute each task's stages in backward instead of keeping their activations: "
+            "less training memory for more time (see `crossstitch bench`).",
+        ),
+    ] = False,
     input_size: Annotated[
         list[int] | None,
         size_option(
@@ -368,8 +402,13 @@ def build(
         int, typer.Option(min=0, max=MAX_SEED, help="Random seed for the initial weights.")
     ] = 0,
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Checkpoint file to write.")
-    ] = Path("crossstitch.pt"),
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Checkpoint file to write: NAME.safetensors, or NAME.pt for torch.save format.",
+        ),
+    ] = Path("crossstitch.safetensors"),
     force: Annotated[
         bool,
         typer.Option(
@@ -388,9 +427,15 @@ def build(
     if weights_file is not None and weights.lower() != "none":
         raise CrossStitchError("give either --weights or --weights-file, not both")
     size = _input_size(input_size) if input_size else None
-    spec = arch_spec(arch)
-    if size and weights == "none":
+    timm_model = timm_name(arch)
+    spec = arch_spec(arch) if timm_model is None else None
+    if spec is not None and size and weights == "none":
         check_fixed_size(spec.name, spec.input_size, size)
+    if timm_model is not None and output_stride is not OutputStride.s32:
+        raise CrossStitchError(
+            "--output-stride: timm models are built at their own total stride (32); dilation "
+            "applies to torchvision ResNets only"
+        )
 
     import dataclasses
 
@@ -398,28 +443,39 @@ def build(
 
     from crossstitch.backbone import build as build_model
     from crossstitch.backbone import torchvision_config
-    from crossstitch.checkpoint import save
+    from crossstitch.checkpoint import save, uses_torch_save
     from crossstitch.memory import check_build
     from crossstitch.summary import summarize
+    from crossstitch.timm_backbones import timm_config
 
-    config = torchvision_config(
-        spec.name,
+    options: dict[str, Any] = dict(
         tasks=split_commas(tasks),
-        weights=weights_file or weights,
         alpha=alpha,
         beta=beta,
         granularity=granularity.value,
         stages=split_commas(stages or ["all"]),
         task_weights=pairs,
         heads=_heads(head or []),
-        output_stride=int(output_stride.value),
         features=features.value,
+        checkpoint_stages=checkpoint_stages,
     )
+    if spec is not None:
+        config = torchvision_config(
+            spec.name,
+            weights=weights_file or weights,
+            output_stride=int(output_stride.value),
+            **options,
+        )
+    else:
+        config = timm_config(
+            timm_model, pretrained=_timm_pretrained(weights), weights_file=weights_file, **options
+        )
     if output.exists() and not force:
         raise CrossStitchError(f"{output} exists; pass --force to replace it, or choose -o PATH")
+    uses_torch_save(output)
     check_build(config)
     torch.manual_seed(seed)
-    with render.working(f"Building {spec.name}", quiet=json_output):
+    with render.working(f"Building {arch}", quiet=json_output):
         model = build_model(config)
         model.config = dataclasses.replace(model.config, seed=seed)
         size = size or (model.input_size or DEFAULT_SIZE,) * 2
@@ -449,7 +505,7 @@ def _formats(fmt: Format) -> list[str]:
 def export(
     fmt: Annotated[Format, typer.Option("--format", "-f", help="The format, or all three.")],
     model_path: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to export.")] = Path(
-        "crossstitch.pt"
+        "crossstitch.safetensors"
     ),
     output: Annotated[
         Path | None,
@@ -555,13 +611,13 @@ def export(
 @app.command()
 def verify(
     path: Annotated[Path, typer.Argument(help="A checkpoint or an exported artifact.")] = Path(
-        "crossstitch.pt"
+        "crossstitch.safetensors"
     ),
     against: Annotated[
         str | None,
         typer.Option(
             help="reference (for a checkpoint) or the checkpoint an artifact came from "
-            "[default: reference for a checkpoint, crossstitch.pt for an artifact]."
+            "[default: reference for a checkpoint, crossstitch.safetensors for an artifact]."
         ),
     ] = None,
     batch: Annotated[
@@ -635,9 +691,9 @@ def verify(
         if against == "reference":
             raise CrossStitchError(
                 f"{path} is a {kind} artifact: it is verified against the checkpoint it came from "
-                "(--against PATH, default crossstitch.pt)"
+                "(--against PATH, default crossstitch.safetensors)"
             )
-        checkpoint = Path(against or "crossstitch.pt")
+        checkpoint = Path(against or "crossstitch.safetensors")
         module = FORMATS[kind]
         with render.working(f"Loading {path} and {checkpoint}", quiet=json_output):
             artifact = module.load(path)
@@ -690,7 +746,7 @@ def bench(
             "--model",
             "-m",
             help="Checkpoint to time, with the artifacts exported beside it "
-            "[default: crossstitch.pt when no ARCH is given].",
+            "[default: crossstitch.safetensors when no ARCH is given].",
         ),
     ] = None,
     batch: Annotated[int, typer.Option(min=1, help="Batch size.")] = 4,
@@ -715,6 +771,15 @@ def bench(
             "compile times are reported apart.",
         ),
     ] = False,
+    checkpoint_stages: Annotated[
+        bool,
+        typer.Option(
+            "--checkpoint-stages",
+            metavar=FLAG,
+            help="Also time the training step with stage checkpointing, against the step "
+            "without it: peak memory and time (always, for a model built with it).",
+        ),
+    ] = False,
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -724,8 +789,9 @@ def bench(
         raise CrossStitchError("give either ARCH (with --tasks) or --model, not both")
     if arch is None and tasks:
         raise CrossStitchError("--tasks needs ARCH: crossstitch bench resnet50 --tasks seg depth")
-    spec = arch_spec(arch) if arch is not None else None
-    if spec is not None and not tasks:
+    timm_model = timm_name(arch) if arch is not None else None
+    spec = arch_spec(arch) if arch is not None and timm_model is None else None
+    if arch is not None and not tasks:
         raise CrossStitchError(f"name the tasks: crossstitch bench {arch} --tasks seg depth")
 
     import torch
@@ -735,16 +801,20 @@ def bench(
     from crossstitch.checkpoint import load
     from crossstitch.exporters.bench import artifacts_beside, run_bench
     from crossstitch.memory import check_build
+    from crossstitch.timm_backbones import timm_config
 
-    if spec is not None:
-        config = torchvision_config(spec.name, tasks=split_commas(tasks))
+    if arch is not None:
+        if spec is not None:
+            config = torchvision_config(spec.name, tasks=split_commas(tasks))
+        else:
+            config = timm_config(timm_model, tasks=split_commas(tasks))
         check_build(config)
         torch.manual_seed(0)
-        with render.working(f"Building {spec.name}", quiet=json_output):
+        with render.working(f"Building {arch}", quiet=json_output):
             model = build_model(config)
         artifacts, skipped = {}, []
     else:
-        model_path = model_path or Path("crossstitch.pt")
+        model_path = model_path or Path("crossstitch.safetensors")
         with render.working(f"Loading {model_path}", quiet=json_output):
             model = load(model_path)
         artifacts, skipped = artifacts_beside(model, model_path, threads or torch.get_num_threads())
@@ -761,6 +831,7 @@ def bench(
             artifacts=artifacts,
             training=training,
             compiled=compiled,
+            checkpointing=checkpoint_stages,
         )
     if json_output:
         render.emit_json({**render.bench_payload(result), "skipped_artifacts": skipped})
@@ -768,15 +839,144 @@ def bench(
         render.bench_table(result, skipped)
 
 
+@app.command()
+def predict(
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="IMAGE",
+            help="PNG, JPEG or WebP files, or folders of them (not searched recursively).",
+        ),
+    ],
+    model_path: Annotated[
+        Path,
+        typer.Option(
+            "--model", "-m", help="A checkpoint or an exported artifact (recognised by content)."
+        ),
+    ] = Path("crossstitch.safetensors"),
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Folder for each image's .npy and .png per output (created)."
+        ),
+    ] = Path("predictions"),
+    runtime: Annotated[
+        Runtime | None,
+        typer.Option(show_default="the one --model's contents call for", help="Runtime to use."),
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 8,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            metavar=FLAG,
+            help="Also run the checkpoint (--against) in eager PyTorch on the same images and "
+            "compare each output with the artifact's, by verify's rule.",
+        ),
+    ] = False,
+    against: Annotated[
+        Path,
+        typer.Option(help="The checkpoint the artifact came from, for --compare."),
+    ] = Path("crossstitch.safetensors"),
+    atol: AtolOption = None,
+    rtol: RtolOption = None,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Run a model or an exported artifact on images and write its outputs as .npy and .png.
+
+    Images are converted to RGB and transformed as the model records (resize, crop, mean,
+    std). Per image and output: the raw tensor as .npy, and a picture: a class map with a legend
+    for a head of several channels, a coloured map with its range for one channel, the first
+    three principal components as RGB for features. Exit code 2 when an image was skipped (the
+    others are still written), 1 when --compare fails.
+    """
+    atol, rtol = _tolerance("atol", atol), _tolerance("rtol", rtol)
+
+    import torch
+
+    from crossstitch.exporters import predict as predicting
+    from crossstitch.files import check_output_folder
+    from crossstitch.images import batches, find_images, output_stems
+
+    check_output_folder(output)
+    paths = find_images(images)
+    folder = output.resolve()
+    for path in paths:
+        if folder in path.resolve().parents:
+            raise CrossStitchError(
+                f"image {path} lies in the output folder {output}; its outputs could replace "
+                "it: write elsewhere with -o"
+            )
+    with render.working(f"Loading {model_path}", quiet=json_output):
+        runner = predicting.open_runner(model_path, runtime.value if runtime else None)
+        reference = predicting.reference_runner(runner, against) if compare else None
+    transform = runner.config.preprocess
+    predicting.check_size(runner, transform.crop, min(batch, len(paths)))
+    stems = output_stems(paths)
+    rows, skipped, comparisons = [], [], []
+    for start, (loaded, missed) in zip(
+        range(0, len(paths), batch), batches(paths, transform, batch), strict=True
+    ):
+        skipped += missed
+        if not loaded:
+            continue
+        end = min(start + batch, len(paths))
+        with render.working(f"Predicting images {start + 1}-{end} of {len(paths)}", json_output):
+            x = torch.stack([image.input for image in loaded])
+            outputs = predicting.run_batch(runner, x)
+            if reference is not None:
+                want = predicting.run_batch(reference, x)
+                comparisons.append(predicting.compare(runner, outputs, want, atol, rtol))
+            rows += predicting.write_outputs(runner, loaded, outputs, output, stems)
+    if not rows:
+        for item in skipped:
+            render.error(f"{item.path} skipped: {item.reason}")
+        raise CrossStitchError("no image could be used; nothing was written")
+    comparison = predicting.merge(comparisons) if comparisons else None
+    if json_output:
+        render.emit_json(
+            {
+                "model": str(model_path),
+                "runtime": runner.runtime,
+                "preprocess": transform.to_dict(),
+                "output": str(output),
+                "predictions": rows,
+                "skipped": [{"image": str(s.path), "reason": s.reason} for s in skipped],
+                "against": str(against) if comparison else None,
+                "passed": comparison.passed if comparison else None,
+                "comparison": comparison,
+            }
+        )
+    else:
+        render.prediction_report(
+            str(model_path), runner.runtime, transform, rows, str(output), comparison, str(against)
+        )
+    for item in skipped:
+        render.error(f"{item.path} skipped: {item.reason}")
+    if skipped:
+        raise typer.Exit(2)
+    if comparison is not None and not comparison.passed:
+        raise typer.Exit(1)
+
+
 @app.command(name="inspect")
 def inspect_model(
     path: Annotated[
         Path, typer.Argument(help="A checkpoint or an ONNX file exported by crossstitch.")
-    ] = Path("crossstitch.pt"),
+    ] = Path("crossstitch.safetensors"),
+    png: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="Also write each stitched stage's unit as STAGE.png in DIR (created): the TxT "
+            "means, and the min and max over channels (rows receive, columns give).",
+        ),
+    ] = None,
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Show a model's config, stages and what its cross-stitch units hold.
+    """Show a model's config, input transform, stages and what its units hold.
 
     For each stitched stage: the TxT matrix of unit weights A_ij (row i: the receiving task,
     column j: the source task, in task order) averaged over channels, with its min and max over
@@ -785,8 +985,12 @@ def inspect_model(
     """
     from crossstitch.exporters import onnx
     from crossstitch.exporters.formats import CHECKPOINT, detect
+    from crossstitch.files import check_output_folder
     from crossstitch.inspection import describe, inspect_checkpoint
+    from crossstitch.visualize import write_unit_pictures
 
+    if png is not None:
+        check_output_folder(png)
     kind = detect(path)
     if kind == CHECKPOINT:
         report = inspect_checkpoint(path)
@@ -797,20 +1001,62 @@ def inspect_model(
             f"{path} is a {kind} artifact; inspect reads checkpoints and ONNX files: "
             "inspect the checkpoint it was exported from"
         )
+    pictures = write_unit_pictures(report, png) if png is not None else []
     if json_output:
-        render.emit_json({"path": str(path), "format": kind, **vars(report)})
+        pngs = {"png": [str(p) for p in pictures]} if png is not None else {}
+        render.emit_json({"path": str(path), "format": kind, **vars(report), **pngs})
     else:
         render.inspection(str(path), kind, report)
+        if pictures:
+            render.wrote(pictures)
 
 
 @app.command(name="list")
-def list_architectures(json_output: JsonOption = False) -> None:
+def list_architectures(
+    pattern: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[PATTERN]",
+            show_default="all",
+            help="With --timm: timm model names matching this pattern, e.g. 'convnext*'.",
+        ),
+    ] = None,
+    timm: Annotated[
+        bool,
+        typer.Option(
+            "--timm",
+            metavar=FLAG,
+            help="List timm models (timm/NAME) with their stages, or why one cannot be stitched.",
+        ),
+    ] = False,
+    limit: Annotated[
+        int, typer.Option(min=1, help="With --timm: the most matching models to describe.")
+    ] = TIMM_LIST_LIMIT,
+    json_output: JsonOption = False,
+) -> None:
     """List the supported architectures with their stages and pretrained weights."""
-    specs = list(architectures().values())
+    if not timm:
+        if pattern is not None:
+            raise CrossStitchError(
+                f"PATTERN lists timm models: crossstitch list --timm {pattern!r}; "
+                "`crossstitch list` shows every torchvision architecture"
+            )
+        specs = list(architectures().values())
+        if json_output:
+            render.emit_json(specs)
+        else:
+            render.arch_table(specs)
+        return
+    from crossstitch.timm_backbones import describe, matching
+
+    names = matching(pattern or "*")
+    shown = names[:limit]
+    with render.working(f"Reading the stages of {len(shown)} timm models", quiet=json_output):
+        listed = [describe(name) for name in shown]
     if json_output:
-        render.emit_json(specs)
+        render.emit_json({"pattern": pattern or "*", "matches": len(names), "models": listed})
     else:
-        render.arch_table(specs)
+        render.timm_table(listed, len(names))
 
 
 def main() -> None:

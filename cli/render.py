@@ -165,7 +165,7 @@ def build_summary(summary: Any, output: str) -> None:
     height, width = summary.input_size
     fixed = " (the only size it takes)" if config.input_size else ""
     title = (
-        f"{config.arch} {sym('×', 'x')} {len(config.tasks)} tasks, input "
+        f"{config.model_name} {sym('×', 'x')} {len(config.tasks)} tasks, input "
         f"{_size((height, width))}{fixed}"
     )
     columns = [("stage", "left"), ("channels", "right"), ("reduction", "right")]
@@ -221,14 +221,19 @@ def build_summary(summary: Any, output: str) -> None:
             f"output stride {config.output_stride})",
         )
     )
+    if config.checkpoint_stages:
+        stdout.print(_field("training", CHECKPOINTING))
     stdout.print(_field("wrote", (output, "green")))
+
+
+CHECKPOINTING = "stage checkpointing: stages recomputed in backward, not kept"
 
 
 def _weights(config: CrossStitchConfig) -> str:
     """Where the task backbones' weights came from, when not from random init."""
     parts = []
     if config.weights:
-        parts.append(f"{config.weights} (torchvision) for every task")
+        parts.append(f"{config.weights} ({config.source}) for every task")
     if config.weights_file:
         parts.append(f"{config.weights_file} for every task")
     parts += [f"{path} for {task}" for task, path in config.task_weights]
@@ -274,6 +279,34 @@ def arch_table(specs: list[ArchSpec]) -> None:
         for spec in specs
     ]
     stdout.print(grid("Supported architectures", columns, rows))
+
+
+def timm_table(listed: list, matches: int) -> None:
+    """timm models as ``crossstitch list --timm`` shows them, with a note when it stopped short."""
+    columns = [("timm model", "left"), ("family", "left"), ("stages", "left")]
+    columns += [("channels/reduction per stage", "left"), ("input", "left")]
+    rows: list[list[Cell]] = [
+        [
+            f"timm/{item.name}",
+            item.family or "-",
+            _stage_names([s.name for s in item.stages]) if item.refused is None else "refused",
+            " ".join(f"{s.channels}/{s.reduction}" for s in item.stages) or item.refused,
+            f"{item.input_size} only"
+            if item.input_size
+            else "any"
+            if item.refused is None
+            else "-",
+        ]
+        for item in listed
+    ]
+    stdout.print(grid("timm models", columns, rows))
+    if matches > len(listed):
+        stdout.print(
+            line(
+                f"Showing {len(listed)} of {matches} matching models; narrow PATTERN or raise "
+                "--limit."
+            )
+        )
 
 
 def _verdict(passed: bool) -> Text:
@@ -427,6 +460,14 @@ def bench_table(result: Any, skipped: list[str]) -> None:
     for t in result.timings:
         if t.compile_seconds is not None:
             stdout.print(f"compile time, {t.mode}, {t.name}: {t.compile_seconds:.1f} s")
+    if result.checkpointing:
+        stdout.print(
+            "stage checkpointing, training step: "
+            f"{result.checkpointing['memory_ratio']:.2f}x the peak memory and "
+            f"{result.checkpointing['time_ratio']:.2f}x the median time of cross-stitch "
+            "without it.",
+            markup=False,
+        )
     for warning in result.warnings:
         stdout.print(line(("Warning:", "bold yellow"), " ", warning))
     for reason in skipped:
@@ -448,6 +489,16 @@ def _heat(value: float, scale: float) -> str:
 
 def _share(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:.1%}"
+
+
+def _preprocess(preprocess: Any) -> list[str]:
+    """The input transform in three lines: resize and crop, mean and std, where it comes from."""
+    return [
+        f"resize {preprocess.resize} ({preprocess.interpolation}), center crop {preprocess.crop}",
+        f"mean {', '.join(map(str, preprocess.mean))}; std "
+        f"{', '.join(map(str, preprocess.std))} (R, G, B)",
+        f"from {preprocess.source}",
+    ]
 
 
 def _heads(heads: dict) -> str:
@@ -483,7 +534,10 @@ def inspection(path: str, kind: str, report: Any) -> None:
     """``crossstitch inspect``: the config, the stage table, then one heatmap per unit."""
     config = report.config
     stdout.print(
-        line((path, "bold"), f" ({kind}): {config.arch} {sym('×', 'x')} {len(report.tasks)} tasks")
+        line(
+            (path, "bold"),
+            f" ({kind}): {config.model_name} {sym('×', 'x')} {len(report.tasks)} tasks",
+        )
     )
     stdout.print(_field("tasks", ", ".join(report.tasks)))
     stdout.print(
@@ -496,6 +550,10 @@ def inspection(path: str, kind: str, report: Any) -> None:
     stdout.print(
         _field("outputs", f"features={config.features}, output stride {config.output_stride}")
     )
+    if config.checkpoint_stages:
+        stdout.print(_field("training", CHECKPOINTING))
+    for label, text in zip(("preprocess", "", ""), _preprocess(config.preprocess), strict=True):
+        stdout.print(_field(label, text))
     columns = [("stage", "left"), ("channels", "right"), ("reduction", "right")]
     columns += [("unit", "right"), ("sharing per task", "right")]
     rows: list[list[Cell]] = []
@@ -527,3 +585,50 @@ def inspection(path: str, kind: str, report: Any) -> None:
         "comes from other tasks",
         markup=False,
     )
+
+
+def _value(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.4g}"
+
+
+def preprocess_line(transform: Any) -> str:
+    """The transform applied to every image, and where its values come from."""
+    mean = " ".join(f"{v:g}" for v in transform.mean)
+    std = " ".join(f"{v:g}" for v in transform.std)
+    return (
+        f"resize {transform.resize} ({transform.interpolation}), crop {transform.crop}, mean "
+        f"{mean}, std {std}: {transform.source}"
+    )
+
+
+def prediction_report(
+    model: str,
+    runtime: str,
+    transform: Any,
+    rows: list,
+    folder: str,
+    comparison: Any | None = None,
+    against: str = "",
+) -> None:
+    """``crossstitch predict``: per image and output its shape and range, then the files."""
+    columns = [("image", "left"), ("output", "left"), ("shape", "right")]
+    columns += [("min", "right"), ("max", "right")]
+    cells: list[list[Cell]] = [
+        [cell(r.image), cell(r.output), _size(r.shape), _value(r.min), _value(r.max)] for r in rows
+    ]
+    images = len(dict.fromkeys(r.image for r in rows))
+    title = f"{model} ({runtime}) on {images} image{'s' if images > 1 else ''}"
+    stdout.print(grid(title, columns, cells))
+    stdout.print(_field("preprocess", preprocess_line(transform)))
+    stdout.print(_field("wrote", (folder, "green"), ": IMAGE.OUTPUT.npy (raw) and .png each"))
+    for image, notes in dict.fromkeys((r.image, tuple(r.notes)) for r in rows if r.notes):
+        stdout.print(_field("converted", f"{image}: {', '.join(notes)}"))
+    if comparison is not None:
+        stdout.print(comparison_table(f"{model} ({runtime}) against {against}", comparison))
+        stdout.print(rule(comparison), markup=False)
+        stdout.print(_verdict(comparison.passed))
+
+
+def wrote(paths: list) -> None:
+    """The files a command wrote besides its main result."""
+    stdout.print(_field("wrote", (", ".join(clean(p) for p in paths), "green")))

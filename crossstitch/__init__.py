@@ -23,6 +23,7 @@ _EXPORTS = {
     "reference_forward": "crossstitch.reference",
     "summarize": "crossstitch.summary",
     "param_groups": "crossstitch.training",
+    "fsdp_modules": "crossstitch.training",
 }
 
 __all__ = ["__version__", *_EXPORTS]

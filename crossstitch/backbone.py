@@ -15,14 +15,18 @@ from crossstitch.dilation import apply_output_stride, check_output_stride
 from crossstitch.errors import CrossStitchError
 from crossstitch.families import Split, channel_dim, family_of, nominal_reduction, resolution
 from crossstitch.heads import build_heads, check_heads, head_output
+from crossstitch.recompute import run_stage
 from crossstitch.shapes import meta_forward, meta_images
 from crossstitch.stages import StageInfo, arch_spec, check_fixed_size, check_head_layout
 from crossstitch.units import CrossStitchUnit
 from crossstitch.weights import (
+    MODULES_SOURCE,
     Weights,
     apply_state,
     build_classifier,
+    default_preprocess,
     load_state_file,
+    preprocess_for,
     resolve_weights,
 )
 
@@ -104,6 +108,7 @@ class CrossStitchBackbone(nn.Module):
     ``nn.Module`` is used as given (it maps ``[N, C, h, w]`` features to ``[N, C', h, w]``).
     ``features="all"`` returns instead every stitched stage's features of every task under
     ``"<task>.<stage>"``, plus each head's output under ``"<task>"``; see ``output_names``.
+    ``checkpoint_stages=True`` trades compute for training memory (``crossstitch.recompute``).
     ``model.config`` is the frozen ``CrossStitchConfig`` that describes the model.
     """
 
@@ -117,6 +122,7 @@ class CrossStitchBackbone(nn.Module):
         stages: Sequence[str] | str | None = None,
         heads: Mapping[str, int | nn.Module] | None = None,
         features: str = "last",
+        checkpoint_stages: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(models, Mapping):
@@ -132,6 +138,7 @@ class CrossStitchBackbone(nn.Module):
         (family,) = families
         if heads:
             check_head_layout(family.name, family.layout)
+        fixed = family.fixed_size(next(iter(models.values())))
         config = CrossStitchConfig(
             arch=None,
             family=family.name,
@@ -141,13 +148,16 @@ class CrossStitchBackbone(nn.Module):
             granularity=granularity,
             heads={t: h for t, h in heads.items() if isinstance(h, int)},
             features=features,
-            input_size=family.fixed_size(next(iter(models.values()))),
+            input_size=fixed,
+            checkpoint_stages=checkpoint_stages,
+            preprocess=default_preprocess(fixed, MODULES_SOURCE),
         )
         self.tasks = list(tasks)
         self.layout = family.layout
         self.channel_dim = family.channel_dim
         self.input_size = config.input_size
         self.features = config.features
+        self.checkpoint_stages = config.checkpoint_stages
         self.backbones = nn.ModuleDict(
             {task: TaskBackbone(family.split(model)) for task, model in models.items()}
         )
@@ -230,6 +240,7 @@ class CrossStitchBackbone(nn.Module):
         heads: Mapping[str, int | nn.Module] | None = None,
         output_stride: int = 32,
         features: str = "last",
+        checkpoint_stages: bool = False,
     ) -> CrossStitchBackbone:
         """Build from a torchvision architecture name, one copy of the network per task.
 
@@ -237,8 +248,9 @@ class CrossStitchBackbone(nn.Module):
         (``"DEFAULT"``, ``"IMAGENET1K_V1"``) or enum (``ResNet50_Weights.DEFAULT``), or a
         classifier state_dict file as a ``pathlib.Path``. ``task_weights`` maps tasks to
         single-task state_dict files applied on top. ``output_stride`` 16 or 8 dilates the last
-        stages instead of striding (ResNet family only). Every option is checked before
-        anything is built; memory is not (see ``crossstitch.memory.check_build``).
+        stages instead of striding (ResNet family only). ``checkpoint_stages`` recomputes each
+        task's stages in backward instead of keeping their activations. Every option is checked
+        before anything is built; memory is not (see ``crossstitch.memory.check_build``).
         """
         modules = {t: h for t, h in (heads or {}).items() if isinstance(h, nn.Module)}
         config = torchvision_config(
@@ -253,18 +265,70 @@ class CrossStitchBackbone(nn.Module):
             heads=heads,
             output_stride=output_stride,
             features=features,
+            checkpoint_stages=checkpoint_stages,
         )
         return build(config, head_modules=modules)
+
+    @classmethod
+    def from_timm(
+        cls,
+        name: str,
+        *,
+        tasks: Sequence[str],
+        pretrained: bool = False,
+        weights_file: str | os.PathLike[str] | None = None,
+        alpha: float = 0.9,
+        beta: float | None = None,
+        granularity: str = "channel",
+        stages: Sequence[str] | str | None = None,
+        task_weights: Mapping[str, str | os.PathLike[str]] | None = None,
+        heads: Mapping[str, int | nn.Module] | None = None,
+        features: str = "last",
+        checkpoint_stages: bool = False,
+    ) -> CrossStitchBackbone:
+        """Build from a timm model name (``"resnet50d"``, ``"convnext_atto.d2_in1k"``), one
+        features-only timm model per task, cut into stages at its feature points.
+
+        ``pretrained=True`` loads timm's weights (downloaded into its cache); ``weights_file`` and
+        ``task_weights`` are timm classifier state_dicts (.pth, .pt or .safetensors), loaded
+        with timm's key filters. Needs the ``timm`` extra; see ``crossstitch.timm_backbones``.
+        """
+        from crossstitch.timm_backbones import build_timm, timm_config
+
+        modules = {t: h for t, h in (heads or {}).items() if isinstance(h, nn.Module)}
+        config = timm_config(
+            name,
+            tasks=tasks,
+            pretrained=pretrained,
+            weights_file=weights_file,
+            alpha=alpha,
+            beta=beta,
+            granularity=granularity,
+            stages=stages,
+            task_weights=task_weights,
+            heads=heads,
+            features=features,
+            checkpoint_stages=checkpoint_stages,
+        )
+        return build_timm(config, head_modules=modules)
 
     def run(self, x: Tensor, stitch: Stitch | None) -> dict[str, Tensor]:
         """Every task's network stage by stage on ``x``; ``stitch`` recombines the features after
         each stitched stage (``None``: the bare backbones). The one stage loop behind ``forward``,
-        the reference formulation and the benchmark's baseline.
+        the reference formulation and the benchmark's baseline. With ``checkpoint_stages``, a
+        training step recomputes each task's stem and stages but the last in backward instead of
+        keeping their activations (docs/design.md §12); inference and exports run them plainly.
         """
-        feats = {task: backbone.stem(x) for task, backbone in self.backbones.items()}
+        recompute = self.checkpoint_stages and self.training and torch.is_grad_enabled()
+        names = list(self.backbones[self.tasks[0]].stages)
+        feats = {task: run_stage(net.stem, x, recompute) for task, net in self.backbones.items()}
         stitched = {}
-        for name in self.backbones[self.tasks[0]].stages:
-            feats = {task: net.stages[name](feats[task]) for task, net in self.backbones.items()}
+        for name in names:
+            again = recompute and name != names[-1]
+            feats = {
+                task: run_stage(net.stages[name], feats[task], again)
+                for task, net in self.backbones.items()
+            }
             if name in self.cross_stitch:
                 if stitch is not None:
                     feats = stitch(name, feats)
@@ -301,6 +365,7 @@ def torchvision_config(
     heads: Mapping[str, int | nn.Module] | None = None,
     output_stride: int = 32,
     features: str = "last",
+    checkpoint_stages: bool = False,
 ) -> CrossStitchConfig:
     """The config ``from_torchvision`` builds, every option checked; nothing is built or read."""
     if not isinstance(arch, str):
@@ -334,6 +399,8 @@ def torchvision_config(
         weights_file=weights_file,
         task_weights=files,
         input_size=spec.input_size,
+        checkpoint_stages=checkpoint_stages,
+        preprocess=preprocess_for(arch, name, weights_file, spec.input_size),
     )
     for param, path in [("weights", weights_file), *(("task_weights", p) for p in files.values())]:
         if path is not None and not os.path.isfile(path):
@@ -347,11 +414,16 @@ def build(
     load_weights: bool = True,
     head_modules: Mapping[str, nn.Module] | None = None,
 ) -> CrossStitchBackbone:
-    """The model ``config`` describes (a torchvision one), one copy of the classifier per task.
+    """The model ``config`` describes, one copy of the classifier per task (timm models: see
+    ``crossstitch.timm_backbones.build_timm``).
 
     ``load_weights=False`` builds the network the named weights imply without loading them, as
     ``crossstitch.load`` does before loading its own; the state_dict files are then not read.
     """
+    if config.source == "timm":
+        from crossstitch.timm_backbones import build_timm
+
+        return build_timm(config, load_weights=load_weights, head_modules=head_modules)
     if config.arch is None:
         raise CrossStitchError("the config names no architecture to build", param="arch")
     tasks = list(config.tasks)
@@ -367,6 +439,15 @@ def build(
     models[tasks[-1]] = base
     for task, state in states.items():
         apply_state(models[task], state, head, f"task weights {files[task]}")
+    return assemble(models, config, head_modules)
+
+
+def assemble(
+    models: Mapping[str, nn.Module],
+    config: CrossStitchConfig,
+    head_modules: Mapping[str, nn.Module] | None = None,
+) -> CrossStitchBackbone:
+    """The model over per-task networks already built for ``config``, which it records."""
     model = CrossStitchBackbone(
         models,
         alpha=config.alpha,
@@ -375,6 +456,7 @@ def build(
         stages=config.stages,
         heads={**config.head_channels, **(head_modules or {})},
         features=config.features,
+        checkpoint_stages=config.checkpoint_stages,
     )
     model.config = dataclasses.replace(config, input_size=model.input_size)
     return model

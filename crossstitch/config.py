@@ -16,13 +16,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from crossstitch.errors import CrossStitchError
+from crossstitch.errors import CONTROL, CrossStitchError
 
 GRANULARITIES = ("channel", "layer")
 FEATURES = ("last", "all")
 OUTPUT_STRIDES = (8, 16, 32)
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A timm model name, optionally with its pretrained tag after one dot: ``resnet50d.a1_in1k``.
+TIMM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?")
+VERSION_TEXT = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
+SOURCES = ("torchvision", "timm")
 WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_]+")
 # The input of every exported graph: a task of that name would collide with it.
 RESERVED_TASKS = ("image",)
@@ -30,6 +34,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 MAX_CHANNELS = 2**31 - 1
 MAX_INPUT_SIZE = 65536
 MAX_SEED = 2**63 - 1
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The share of the resized image that the center crop keeps by default (224 of 256).
+DEFAULT_CROP_PCT = 0.875
+MAX_SOURCE = 200
 
 
 def default_beta(alpha: float, num_tasks: int) -> float:
@@ -133,10 +143,91 @@ def _pairs(value: object, param: str) -> tuple[tuple[str, Any], ...]:
 
 
 @dataclass(frozen=True)
+class Preprocess:
+    """The input transform a model's weights expect, applied to RGB images scaled to [0, 1].
+
+    Resize the shorter side to ``resize`` pixels (``interpolation``), center-crop ``crop``
+    pixels square, subtract ``mean`` and divide by ``std`` per channel (R, G, B). ``source``
+    says where the values come from: the named weights, or ImageNet defaults for random init.
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    source: str = "ImageNet defaults (random init)"
+
+    def __post_init__(self) -> None:
+        check_int(self.resize, "preprocess.resize", 1, MAX_INPUT_SIZE)
+        check_int(self.crop, "preprocess.crop", 1, MAX_INPUT_SIZE)
+        check_choice(self.interpolation, "preprocess.interpolation", INTERPOLATIONS)
+        for param in ("mean", "std"):
+            value = getattr(self, param)
+            if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 3:
+                raise CrossStitchError(
+                    f"must be three numbers (R, G, B), got {value!r}", param=f"preprocess.{param}"
+                )
+            numbers = tuple(check_number(v, f"preprocess.{param}") for v in value)
+            if param == "std" and not all(v > 0 for v in numbers):
+                raise CrossStitchError(f"must be positive, got {value!r}", param="preprocess.std")
+            object.__setattr__(self, param, numbers)
+        if (
+            not isinstance(self.source, str)
+            or len(self.source) > MAX_SOURCE
+            or CONTROL.search(self.source)
+            or "[" in self.source
+        ):
+            raise CrossStitchError(
+                f"must be a short plain text, got {self.source!r}", param="preprocess.source"
+            )
+
+    @classmethod
+    def from_crop(
+        cls,
+        crop: int,
+        *,
+        source: str,
+        crop_pct: float = DEFAULT_CROP_PCT,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bilinear",
+    ) -> Preprocess:
+        """The transform for a ``crop``-pixel input that keeps ``crop_pct`` of the resized image:
+        resize to ``floor(crop / crop_pct)`` (224 and the default 0.875 give 256).
+        """
+        check_int(crop, "preprocess.crop", 1, MAX_INPUT_SIZE)
+        if isinstance(crop_pct, bool) or not (
+            isinstance(crop_pct, int | float) and 0 < crop_pct <= 1
+        ):
+            raise CrossStitchError(
+                f"must be a number in (0, 1], got {crop_pct!r}", param="preprocess.crop_pct"
+            )
+        resize = math.floor(crop / crop_pct)
+        return cls(resize, crop, mean, std, interpolation, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values: the tuples as lists."""
+        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, raw: object) -> Preprocess:
+        """Read a stored transform; unknown keys are ignored, missing ones take the defaults."""
+        if isinstance(raw, Preprocess):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise CrossStitchError(f"must be an object, got {raw!r}", param="preprocess")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass(frozen=True)
 class CrossStitchConfig:
     """Everything that defines a cross-stitch model, enough to rebuild it offline.
 
-    ``arch`` is the torchvision architecture (None for a model built from your own modules);
+    ``arch`` is the torchvision architecture, or with ``source="timm"`` the timm model name
+    (None for a model built from your own modules); ``library_version`` the timm version a
+    timm model was built with;
     ``stages`` the stitched stages in network order; ``heads`` pairs of (task, output channels);
     ``input_size`` the one square size a fixed-size model takes (None: any size).
     """
@@ -156,6 +247,10 @@ class CrossStitchConfig:
     task_weights: tuple[tuple[str, str], ...] = ()
     input_size: int | None = None
     seed: int | None = None
+    preprocess: Preprocess = Preprocess()
+    checkpoint_stages: bool = False
+    source: str = "torchvision"
+    library_version: str | None = None
 
     def __post_init__(self) -> None:
         tasks = check_tasks(self.tasks)
@@ -193,7 +288,13 @@ class CrossStitchConfig:
                 f"must be a list of stage names, got {self.stages!r}", param="stages"
             )
         fields = {
-            "arch": check_name(self.arch, "arch", STAGE_NAME, optional=True),
+            "source": check_choice(self.source, "source", SOURCES),
+            "arch": check_name(
+                self.arch, "arch", TIMM_NAME if self.source == "timm" else STAGE_NAME, True
+            ),
+            "library_version": check_name(
+                self.library_version, "library_version", VERSION_TEXT, optional=True
+            ),
             "family": check_name(self.family, "family", STAGE_NAME, optional=False),
             "tasks": tasks,
             "alpha": alpha,
@@ -214,8 +315,17 @@ class CrossStitchConfig:
             check_int(self.input_size, "input_size", 1, MAX_INPUT_SIZE)
         if self.seed is not None:
             check_int(self.seed, "seed", 0, MAX_SEED)
+        fields["preprocess"] = Preprocess.from_dict(self.preprocess)
+        fields["checkpoint_stages"] = check_choice(
+            self.checkpoint_stages, "checkpoint_stages", (False, True)
+        )
         for name, value in fields.items():
             object.__setattr__(self, name, value)
+
+    @property
+    def model_name(self) -> str:
+        """The model's name as the CLI takes it: ``timm/NAME`` for a timm model."""
+        return f"timm/{self.arch}" if self.source == "timm" else str(self.arch)
 
     @property
     def head_channels(self) -> dict[str, int]:
@@ -230,6 +340,7 @@ class CrossStitchConfig:
             stages=list(self.stages),
             heads=dict(self.heads),
             task_weights=dict(self.task_weights),
+            preprocess=self.preprocess.to_dict(),
         )
         return raw
 
@@ -238,7 +349,8 @@ class CrossStitchConfig:
         """Read a stored config (checkpoint, artifact metadata), upgrading older ones.
 
         Fields missing from files written by older versions take the defaults above (``family``
-        comes from the architecture); unknown keys are ignored. Every problem is refused with one
+        comes from the architecture, ``preprocess`` from the weights, as a build records it);
+        unknown keys are ignored. Every problem is refused with one
         message that names ``source`` and the field.
         """
         if not isinstance(raw, Mapping):
@@ -253,8 +365,19 @@ class CrossStitchConfig:
                 raise CrossStitchError(f"must be an architecture name, got {values['arch']!r}")
             from crossstitch.stages import arch_spec
 
-            values.setdefault("family", arch_spec(values["arch"]).family)
-            return cls(**values)
+            if values.get("source") != "timm":
+                values.setdefault("family", arch_spec(values["arch"]).family)
+            elif "family" not in values:
+                raise CrossStitchError("is missing", param="family")
+            config = cls(**values)
+            if "preprocess" in values:
+                return config
+            from crossstitch.weights import preprocess_for
+
+            recorded = preprocess_for(
+                config.arch, config.weights, config.weights_file, config.input_size
+            )
+            return dataclasses.replace(config, preprocess=recorded)
         except CrossStitchError as exc:
             field = exc.param or "arch"
             raise CrossStitchError(f"{source}: config field '{field}' {exc.detail}") from exc

@@ -263,6 +263,27 @@ def split_vit(model: models.VisionTransformer) -> Split:
     return Split(stem=VitStem(model), stages=stages)
 
 
+class Staged(nn.Module):
+    """A network already cut into named stages, run in order, with the ``Family`` that describes
+    it: how a timm model cut at its feature points reaches ``CrossStitchBackbone``.
+    """
+
+    def __init__(self, stages: OrderedDict[str, nn.Module], family: Family) -> None:
+        super().__init__()
+        self.stages = nn.ModuleDict(stages)
+        self.family = family
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages.values():
+            x = stage(x)
+        return x
+
+
+def split_staged(model: Staged) -> Split:
+    """A ``Staged`` network: its own stages, no stem."""
+    return Split(stem=nn.Identity(), stages=OrderedDict(model.stages.items()))
+
+
 GOOGLENET_HEAD = ("aux1", "aux2", "avgpool", "dropout", "fc")
 INCEPTION_HEAD = ("AuxLogits", "avgpool", "dropout", "fc")
 
@@ -310,7 +331,10 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(model: nn.Module) -> Family:
-    """The adapter for a model built by torchvision; anything else is refused by name."""
+    """The adapter for a model built by torchvision, or the family a ``Staged`` network carries;
+    anything else is refused by name."""
+    if isinstance(model, Staged):
+        return model.family
     for family in FAMILIES.values():
         if isinstance(model, family.model_type):
             return family

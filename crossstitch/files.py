@@ -40,6 +40,21 @@ def check_output_path(
     return path
 
 
+def check_output_folder(path: str | os.PathLike[str]) -> Path:
+    """Refuse an output folder that is a file, or that is missing and cannot be created in its
+    parent (missing or unwritable); the folder itself is created only when written to.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CrossStitchError(f"output folder {path} is a file; give a folder")
+    where = path if path.is_dir() else path.parent
+    if not where.is_dir():
+        raise CrossStitchError(f"the folder that would hold {path} does not exist; create it first")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise CrossStitchError(f"{where} is not writable")
+    return path
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)

@@ -20,7 +20,8 @@ from crossstitch.dilation import dilated_reduction
 from crossstitch.errors import CrossStitchError
 from crossstitch.stages import StageInfo, arch_spec
 
-UNIT_KEY = "cross_stitch.{stage}.weight"
+UNIT_PREFIX = "cross_stitch."
+UNIT_KEY = UNIT_PREFIX + "{stage}.weight"
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,22 @@ def describe(
     Each stitched stage must have a weight of the shape its config implies; ``source`` names
     the file in error messages.
     """
-    spec = arch_spec(config.arch)
-    known = [s.name for s in spec.stages]
+    if config.source == "timm":
+        from crossstitch.timm_backbones import PREFIX, plan
+
+        name, all_stages = PREFIX + config.arch, plan(config.arch).stages
+    else:
+        spec = arch_spec(config.arch)
+        name, all_stages = spec.name, spec.stages
+    known = [s.name for s in all_stages]
     unknown = [s for s in config.stages if s not in known]
     if unknown:
         raise CrossStitchError(
-            f"{source}: stitched stage {', '.join(unknown)} is not a stage of {spec.name} "
+            f"{source}: stitched stage {', '.join(unknown)} is not a stage of {name} "
             f"({', '.join(known)})"
         )
     table, units = [], {}
-    for stage in spec.stages:
+    for stage in all_stages:
         reduction = dilated_reduction(stage.reduction, config.output_stride)
         table.append(StageInfo(stage.name, stage.channels, reduction))
         if stage.name not in config.stages:
@@ -114,8 +121,11 @@ def describe(
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> Inspection:
-    """Describe a checkpoint file from its config and state_dict; no model is built."""
-    checkpoint = read(path)
+    """Describe a checkpoint file from its config and unit weights; no model is built.
+
+    From a safetensors checkpoint only the unit tensors are read, not the whole file.
+    """
+    checkpoint = read(path, keys=lambda key: key.startswith(UNIT_PREFIX))
     state = checkpoint.state_dict
     weights = {
         stage: state[UNIT_KEY.format(stage=stage)]

@@ -52,10 +52,16 @@ def dense_head_bytes(in_channels: int, out_channels: int) -> int:
 
 def build_bytes(config: CrossStitchConfig) -> int | None:
     """What building ``config`` holds at its peak: one classifier per task, and the heads."""
-    one = classifier_bytes(config.arch) if config.arch else None
-    if one is None:
-        return None
-    last = arch_spec(config.arch).stages[-1].channels
+    if config.source == "timm" and config.arch:
+        from crossstitch.timm_backbones import plan
+
+        found = plan(config.arch)
+        one, last = found.weights_bytes, found.stages[-1].channels
+    else:
+        one = classifier_bytes(config.arch) if config.arch else None
+        if one is None:
+            return None
+        last = arch_spec(config.arch).stages[-1].channels
     heads = sum(dense_head_bytes(last, channels) for _, channels in config.heads)
     return one * len(config.tasks) + heads
 

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups that train the cross-stitch units as the paper does.
+"""Training helpers: parameter groups that train the units as the paper does, FSDP2 sharding.
 
 Misra et al. train the units with a learning rate about 100 times that of the backbones: the
 units are few, start near the identity, and would barely move at the backbones' rate.
@@ -10,6 +10,7 @@ import math
 
 from torch import nn
 
+from crossstitch.backbone import CrossStitchBackbone
 from crossstitch.errors import CrossStitchError
 from crossstitch.units import CrossStitchUnit
 
@@ -55,3 +56,17 @@ def param_groups(
         },
         {"name": "backbone", "params": others, "lr": lr, "weight_decay": weight_decay},
     ]
+
+
+def fsdp_modules(model: CrossStitchBackbone) -> list[nn.Module]:
+    """The modules to give ``torch.distributed.fsdp.fully_shard`` one by one, before the model.
+
+    Every task's stem and stages, then each head: FSDP2 gathers a module's parameters when that
+    module is called, and the model calls these, never a task's ``TaskBackbone`` as a whole.
+    """
+    if not isinstance(model, CrossStitchBackbone):
+        raise CrossStitchError(f"must be a CrossStitchBackbone, got {type(model).__name__}")
+    modules = []
+    for backbone in model.backbones.values():
+        modules += [backbone.stem, *backbone.stages.values()]
+    return modules + list(model.heads.values())

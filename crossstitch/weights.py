@@ -12,12 +12,17 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
+from torchvision.transforms import InterpolationMode
 
 from crossstitch.archive import load_tensors
+from crossstitch.config import Preprocess
 from crossstitch.errors import CrossStitchError
 from crossstitch.stages import arch_spec
+from crossstitch.tensorfile import is_safetensors, read_state_dict
 
 NO_WEIGHTS = ("none", "")
+WEIGHTS_FILE_SOURCE = "ImageNet defaults (weights file: its transform is not recorded)"
+MODULES_SOURCE = "ImageNet defaults (your own modules: their transform is not recorded)"
 # What ``weights`` accepts: a torchvision weights name or enum, a state_dict file, or None.
 Weights: TypeAlias = str | WeightsEnum | os.PathLike | None
 
@@ -57,6 +62,76 @@ def resolve_weights(arch: str, weights: Weights) -> tuple[str | None, str | None
     if weights == "DEFAULT":
         return torchvision.models.get_model_weights(arch).DEFAULT.name, None
     return weights, None
+
+
+def _one_size(value: object) -> int | None:
+    """A preset's size, given as ``[n]`` or ``n``; None for anything else (e.g. height, width)."""
+    if isinstance(value, list | tuple) and len(value) == 1:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def weights_preprocess(arch: str, weights: str) -> Preprocess:
+    """The transform torchvision's named ``weights`` of ``arch`` were evaluated with.
+
+    Read from the weights' own preset (``weights.transforms()``), which torchvision defines in
+    code: nothing is downloaded. A preset that is not one shorter-side resize, one square crop
+    and a supported interpolation is refused rather than guessed.
+    """
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except ValueError as exc:
+        raise CrossStitchError(f"{arch} has no torchvision weights", param="weights") from exc
+    if weights not in enum.__members__:
+        raise CrossStitchError(
+            f"unknown weights {weights!r} for {arch}; torchvision has: "
+            f"{', '.join(enum.__members__)}",
+            param="weights",
+        )
+    entry = enum[weights]
+    preset = entry.transforms()
+    resize = _one_size(getattr(preset, "resize_size", None))
+    crop = _one_size(getattr(preset, "crop_size", None))
+    mode = getattr(preset, "interpolation", None)
+    interpolation = mode.value if isinstance(mode, InterpolationMode) else None
+    mean, std = getattr(preset, "mean", None), getattr(preset, "std", None)
+    if None in (resize, crop, interpolation, mean, std):
+        raise CrossStitchError(
+            f"the transform of {arch} weights {weights} ({type(preset).__name__}) is not a "
+            "resize, a square center crop and a normalisation",
+            param="weights",
+        )
+    return Preprocess(
+        resize=resize,
+        crop=crop,
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation=interpolation,
+        source=f"torchvision {type(entry).__name__}.{entry.name}",
+    )
+
+
+def default_preprocess(input_size: int | None, source: str | None = None) -> Preprocess:
+    """ImageNet mean, std and bilinear resize for weights of unknown transform.
+
+    Any-size models get resize 256, crop 224; a fixed-size model (ViT, MaxViT) a crop of the one
+    size it takes, resized by the same 224/256 ratio. ``source`` defaults to the random-init text.
+    """
+    source = source or Preprocess().source
+    if input_size is None:
+        return Preprocess(source=source)
+    return Preprocess.from_crop(input_size, source=source)
+
+
+def preprocess_for(
+    arch: str, weights: str | None, weights_file: str | None, input_size: int | None
+) -> Preprocess:
+    """The transform a build records for its initial weights: the named weights' own, else
+    the ImageNet defaults, with a source that says which.
+    """
+    if weights is not None:
+        return weights_preprocess(arch, weights)
+    return default_preprocess(input_size, WEIGHTS_FILE_SOURCE if weights_file else None)
 
 
 def cached_weights_path(arch: str, weights: str) -> Path:
@@ -101,13 +176,16 @@ def build_classifier(arch: str, weights: str | None, load: bool = True) -> nn.Mo
 
 
 def load_state_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a state_dict file safely (``weights_only=True``), as torchvision saves them.
+    """Read a state_dict file as data only: a safetensors file (as Hugging Face and timm save
+    them), or a ``torch.save`` file (as torchvision saves them) with ``weights_only=True``.
 
     A dict with a ``"model"`` or ``"state_dict"`` entry (training checkpoints) is unwrapped.
     """
     path = Path(path)
     if not path.is_file():
         raise CrossStitchError(f"weights file {path} does not exist or is not a file")
+    if is_safetensors(path):
+        return read_state_dict(path, "state_dict file")
     state = load_tensors(path, "state_dict file")
     for key in ("model", "state_dict"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):

@@ -37,6 +37,7 @@ from .pipeline import check_compatible
 BASELINE = "bare backbones"
 STITCHED = "cross-stitch"
 COMPILED = "compiled "
+CHECKPOINTED = "checkpointed"
 
 
 @dataclass
@@ -71,7 +72,11 @@ class Timing:
 @dataclass
 class BenchResult:
     """A benchmark run: its setting, one timing per variant and mode, and why its numbers may
-    not be trusted (``warnings``: too few runs, or a spread over ``MAX_SPREAD``)."""
+    not be trusted (``warnings``: too few runs, or a spread over ``MAX_SPREAD``).
+
+    ``checkpointing``: the training step with stage checkpointing against the one without, as
+    ``{"memory_ratio", "time_ratio"}`` (peak memory and median time), when it was timed.
+    """
 
     arch: str | None
     tasks: list[str]
@@ -81,6 +86,7 @@ class BenchResult:
     threads: int
     timings: list[Timing]
     warnings: list[str] = field(default_factory=list)
+    checkpointing: dict[str, float] | None = None
 
 
 # Below this many runs, or above this spread (slowest over median), a median says little.
@@ -159,10 +165,14 @@ def peak_tensor_mb(call: Callable[[Tensor], object], x: Tensor) -> float:
     return peak / 1e6
 
 
-def _training_step(model: CrossStitchBackbone, forward: Callable[[Tensor], dict]) -> Callable:
-    """Forward, backward, then drop the gradients: every step starts from none, alike."""
+def _training_step(
+    model: CrossStitchBackbone, forward: Callable[[Tensor], dict], checkpoint_stages: bool = False
+) -> Callable:
+    """Forward, backward, then drop the gradients: every step starts from none, alike, and
+    allocates its gradients again. Stage checkpointing is on for this step only if asked."""
 
     def step(x: Tensor) -> None:
+        model.checkpoint_stages = checkpoint_stages
         out = forward(x)
         sum(o.mean() for o in out.values()).backward()
         model.zero_grad(set_to_none=True)
@@ -203,10 +213,13 @@ def run_bench(
     artifacts: dict[str, Artifact] | None = None,
     training: bool = True,
     compiled: bool = False,
+    checkpointing: bool = False,
     warmup: int = 2,
 ) -> BenchResult:
     """Time inference (eager, baseline, each artifact) and a training step (eager, baseline);
     with ``compiled``, the model and the baseline under ``torch.compile(fullgraph=True)`` too.
+    Training steps run without stage checkpointing; with ``checkpointing`` (or for a model
+    configured with it) the eager model's step is also timed with it.
     """
     if training:
         _check_trainable_size(model, batch, input_size)
@@ -215,14 +228,24 @@ def run_bench(
         activation_bytes(model, batch, input_size, training),
         f"timing batch {batch} at {height}x{width}",
     )
-    previous_threads = torch.get_num_threads()
+    checkpointing = training and (checkpointing or model.config.checkpoint_stages)
+    previous_threads, previous_setting = torch.get_num_threads(), model.checkpoint_stages
     torch.set_num_threads(threads)
     try:
         timings = _time_variants(
-            model, batch, input_size, runs, threads, artifacts, training, compiled, warmup
+            model,
+            batch,
+            input_size,
+            runs,
+            artifacts,
+            training,
+            compiled,
+            checkpointing,
+            warmup,
         )
     finally:
         torch.set_num_threads(previous_threads)
+        model.checkpoint_stages = previous_setting
     return BenchResult(
         arch=model.config.arch,
         tasks=list(model.tasks),
@@ -232,7 +255,18 @@ def run_bench(
         threads=threads,
         timings=timings,
         warnings=trust_warnings(timings, runs),
+        checkpointing=_checkpointing_ratios(timings) if checkpointing else None,
     )
+
+
+def _checkpointing_ratios(timings: list[Timing]) -> dict[str, float]:
+    """Peak memory and median time of the checkpointed training step over the plain one's."""
+    steps = {t.name: t for t in timings if t.mode == "training"}
+    plain, checkpointed = steps[STITCHED], steps[CHECKPOINTED]
+    return {
+        "memory_ratio": checkpointed.peak_mb / plain.peak_mb,
+        "time_ratio": checkpointed.median / plain.median,
+    }
 
 
 def _check_trainable_size(
@@ -254,10 +288,10 @@ def _time_variants(
     batch: int,
     input_size: tuple[int, int],
     runs: int,
-    threads: int,
     artifacts: dict[str, Artifact] | None,
     training: bool,
     compiled: bool,
+    checkpointing: bool,
     warmup: int,
 ) -> list[Timing]:
     x = torch.randn(batch, 3, *input_size, generator=torch.Generator().manual_seed(0))
@@ -278,6 +312,9 @@ def _time_variants(
     if training:
         steps = [_training_step(model, call) for call in forwards.values()]
         train_timings = [_timing(name, "training") for name in forwards]
+        if checkpointing:
+            steps.append(_training_step(model, model, checkpoint_stages=True))
+            train_timings.append(_timing(CHECKPOINTED, "training"))
         model.train()
         model.zero_grad(set_to_none=True)
         _interleave(steps, train_timings, x, runs, warmup)

@@ -89,6 +89,9 @@ def torch_artifact(module: Callable, config: str, path: Path, kind: str) -> Arti
 FIXED_SPATIAL = {
     "swin": "torch.export specialises Swin's window padding to the export size: a swin_t program "
     "exported with free height and width took minutes and then refused a 256x288 input",
+    "timm_mobilevit": "timm's MobileViT computes its patch grid with math.ceil of the input "
+    "size: an ONNX graph exported with free height and width failed on a 96x128 input, and "
+    "the pt2 program could not be serialized",
 }
 
 

@@ -31,6 +31,7 @@ from .common import (
     read_artifact_config,
     spatial_free,
 )
+from .onnx_info import IMAGE_METADATA, describe_ir, describe_proto, preprocess_metadata
 
 NAME = "onnx"
 SUFFIX = ".onnx"
@@ -67,7 +68,9 @@ def newest_opset() -> int:
 def metadata(
     model: CrossStitchBackbone, example: Tensor, options: ExportOptions, opset: int
 ) -> dict[str, str]:
-    """The config as ``metadata_props``: the whole config as JSON, and its main fields."""
+    """The config as ``metadata_props``: the whole config as JSON, its main fields, the input
+    transform one field per key, and ONNX's image keys that apply (``onnx_info``).
+    """
     config = model.config
     return {
         CONFIG_KEY: artifact_config(model, example, options),
@@ -81,7 +84,18 @@ def metadata(
         "crossstitch.outputs": ",".join(model.output_names),
         "crossstitch.output_stride": str(config.output_stride),
         "crossstitch.opset": str(opset),
+        **preprocess_metadata(config.preprocess),
+        **IMAGE_METADATA,
     }
+
+
+def fixed_size(
+    model: CrossStitchBackbone, example: Tensor, options: ExportOptions
+) -> tuple[int, int] | None:
+    """The height and width the file keeps: the export's, unless both stay free."""
+    if options.dynamic and spatial_free(model):
+        return None
+    return (example.shape[-2], example.shape[-1])
 
 
 def optimize_keeping_units(program: torch.onnx.ONNXProgram) -> None:
@@ -164,6 +178,7 @@ def export(
             opset = details["opset"] = reach_opset(program.model, opset, options.opset is None)
             optimize_keeping_units(program)
             program.model.metadata_props.update(metadata(model, example, options, opset))
+            describe_ir(program.model, model, fixed_size(model, example, options))
             program.save(path, external_data=external)
             details["exporter"] = "dynamo"
         except OpsetUnreachable:
@@ -181,6 +196,7 @@ def export(
             )
             proto = onnx.load(str(path))
             onnx.helper.set_model_props(proto, metadata(model, example, options, min(opset, 20)))
+            describe_proto(proto, model, fixed_size(model, example, options))
             onnx.save_model(proto, str(path), save_as_external_data=external)
     details["log"] = log.getvalue()
     onnx.checker.check_model(str(path), full_check=True)

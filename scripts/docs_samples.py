@@ -35,16 +35,25 @@ SAMPLES = {
         ["build", "resnet18", "--tasks", "seg", "depth", "--stages", "layer1,layer4", "--json"],
         ["inspect"],
     ],
+    "predict": [
+        ["build", "resnet18", "--tasks", "seg", "depth", "--head", "seg=21", "--json"],
+        ["predict", "photo.png"],
+    ],
 }
+# Files a sample's commands read, copied into its folder first (made by scripts/readme_images.py).
+FILES = {"predict": (ROOT / "docs" / "images" / "photo.png",)}
 MARKER = re.compile(r"<!-- sample:(?P<name>[\w-]+) -->\n.*?<!-- /sample -->", re.S)
 
 
-def run(commands: list[list[str]]) -> str:
-    """The shown output of ``commands`` run in a fresh folder: ``$ crossstitch ...`` and stdout."""
+def run(commands: list[list[str]], files: tuple[Path, ...] = ()) -> str:
+    """The shown output of ``commands`` run in a fresh folder holding ``files``:
+    ``$ crossstitch ...`` and stdout."""
     exe = shutil.which("crossstitch", path=os.path.dirname(sys.executable)) or "crossstitch"
     env = {**os.environ, "COLUMNS": str(WIDTH), "NO_COLOR": "1", "TERM": "dumb"}
     shown = []
     with tempfile.TemporaryDirectory() as folder:
+        for path in files:
+            shutil.copy(path, folder)
         for args in commands:
             result = subprocess.run(
                 [exe, *args], cwd=folder, env=env, capture_output=True, text=True, check=True
@@ -60,7 +69,8 @@ def render(text: str) -> str:
 
     def block(match: re.Match[str]) -> str:
         name = match["name"]
-        return f"<!-- sample:{name} -->\n```text\n{run(SAMPLES[name])}\n```\n<!-- /sample -->"
+        shown = run(SAMPLES[name], FILES.get(name, ()))
+        return f"<!-- sample:{name} -->\n```text\n{shown}\n```\n<!-- /sample -->"
 
     return MARKER.sub(block, text)
 

@@ -31,13 +31,13 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("exported")
     model = build()
     randomize_units(model)
-    crossstitch.save(model, folder / "crossstitch.pt")
+    crossstitch.save(model, folder / "crossstitch.safetensors")
     result = CliRunner().invoke(
         app,
         [
             "export",
             "--model",
-            str(folder / "crossstitch.pt"),
+            str(folder / "crossstitch.safetensors"),
             "--format",
             "all",
             "--input-size",

@@ -36,7 +36,7 @@ def test_bench_times_the_artifacts_beside_a_checkpoint(cli, tmp_path, exported):
     code, out, err = cli(
         "bench",
         "--model",
-        str(folder / "crossstitch.pt"),
+        str(folder / "crossstitch.safetensors"),
         "--batch",
         "1",
         "--input-size",
@@ -103,7 +103,7 @@ def test_bench_refuses_conflicting_or_missing_choices(cli):
         (["bench", "--tasks", "a", "b"], "--tasks needs ARCH"),
         (["bench", "resnet18", "--tasks", "a", "b", "--runs", "0"], "--runs"),
         (["bench", "resnet18", "--tasks", "a", "b", "--threads", "0"], "--threads"),
-        (["bench"], "crossstitch.pt does not exist"),
+        (["bench"], "crossstitch.safetensors does not exist"),
         (["bench", "resnet18", "-t", "a,b", "--batch", "1", "--input-size", "32"], "--no-training"),
     ]:
         code, _, err = cli(*args)

@@ -22,10 +22,10 @@ def test_build_prints_the_stage_table_and_writes_the_checkpoint(cli, tmp_path):
         "2×2",
         "seg, depth",
         "alpha=0.9, beta=0.1",
-        "crossstitch.pt",
+        "crossstitch.safetensors",
     ]:
         assert text in out
-    assert crossstitch.load(tmp_path / "crossstitch.pt").tasks == ["seg", "depth"]
+    assert crossstitch.load(tmp_path / "crossstitch.safetensors").tasks == ["seg", "depth"]
 
 
 @pytest.mark.parametrize(
@@ -115,8 +115,8 @@ def test_entry_point_runs_the_readme_command_in_an_empty_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "layer4" in result.stdout
     assert result.stderr == "Building resnet18 ...\n"
-    assert (tmp_path / "crossstitch.pt").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["crossstitch.pt"]
+    assert (tmp_path / "crossstitch.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["crossstitch.safetensors"]
 
 
 BAD_INPUT = {
@@ -331,7 +331,7 @@ def test_help_shows_every_default_and_choice():
         "<channel|layer>",
         "<32|16|8>",
         "<last|all>",
-        "[default: crossstitch.pt]",
+        "[default: crossstitch.safetensors]",
     ):
         assert shown in text, shown
     text = show("export")

@@ -34,8 +34,8 @@ def test_every_format_is_written_verified_and_named_beside_the_model(exported):
         assert all(o["passed"] for o in artifact["comparison"]["outputs"])
     assert sorted(p.name for p in folder.iterdir()) == [
         "crossstitch.onnx",
-        "crossstitch.pt",
         "crossstitch.pt2",
+        "crossstitch.safetensors",
         "crossstitch.torchscript.pt",
     ]
 

@@ -121,7 +121,7 @@ def test_build_head_option_attaches_heads(cli, tmp_path):
     result = json.loads(out)
     assert result["config"]["heads"] == {"seg": 21, "depth": 1}
     assert [o["shape"] for o in result["summary"]["outputs"]] == [[21, 64, 64], [1, 64, 64]]
-    model = crossstitch.load(tmp_path / "crossstitch.pt")
+    model = crossstitch.load(tmp_path / "crossstitch.safetensors")
     assert model(image(batch=1))["seg"].shape == (1, 21, 64, 64)
 
 

@@ -39,7 +39,9 @@ def _hostile_checkpoint(path: Path) -> None:
 @pytest.mark.parametrize("make", [hostile_sample_inputs, hostile_expression])
 def test_a_hostile_pt2_runs_no_code_in_verify_or_bench(cli, exported, tmp_path, make):
     folder, _ = exported
-    crossstitch.save(crossstitch.load(folder / "crossstitch.pt"), tmp_path / "crossstitch.pt")
+    crossstitch.save(
+        crossstitch.load(folder / "crossstitch.safetensors"), tmp_path / "crossstitch.safetensors"
+    )
     (tmp_path / "crossstitch.pt2").write_bytes(make((folder / "crossstitch.pt2").read_bytes()))
     for args in (
         ["verify", "crossstitch.pt2"],
@@ -58,7 +60,9 @@ def test_a_hostile_torchscript_file_runs_no_code(cli, exported, tmp_path):
         data, {member_named(data, "/constants.pkl"): call_pickle("os", "system", "touch PWNED")}
     )
     (tmp_path / "m.torchscript.pt").write_bytes(hostile)
-    code, _, err = cli("verify", "m.torchscript.pt", "--against", str(folder / "crossstitch.pt"))
+    code, _, err = cli(
+        "verify", "m.torchscript.pt", "--against", str(folder / "crossstitch.safetensors")
+    )
     assert code == 2 and "would import os.system" in err.splitlines()[0], err
     assert not (tmp_path / "PWNED").exists()
 
@@ -112,7 +116,7 @@ def test_build_refuses_an_output_that_names_its_weights_file(cli, tmp_path):
 
 
 def test_build_keeps_an_existing_checkpoint_unless_forced(cli, tmp_path):
-    previous = tmp_path / "crossstitch.pt"
+    previous = tmp_path / "crossstitch.safetensors"
     previous.write_bytes(b"previous checkpoint")
     code, _, err = cli("build", "resnet18", "--tasks", "a", "b", "--input-size", "32")
     assert code == 2 and "--force" in err.splitlines()[0], err
@@ -147,7 +151,7 @@ def test_a_disk_too_small_is_refused_before_writing(cli, tmp_path):
 
 @pytest.mark.parametrize("command", ["build", "onnx", "torchscript", "pt2"])
 def test_a_disk_that_fills_up_while_writing_loses_nothing(cli, tmp_path, monkeypatch, command):
-    crossstitch.save(build(), tmp_path / "crossstitch.pt")
+    crossstitch.save(build(), tmp_path / "crossstitch.safetensors")
     monkeypatch.setattr(
         "crossstitch.files.shutil.disk_usage",
         lambda path: type("Usage", (), {"free": 10**12})(),
@@ -221,7 +225,7 @@ def _checkpoint_with(tmp_path: Path, **changes) -> Path:
     with torch.no_grad():
         for stage, value in changes.items():
             model.cross_stitch[stage].weight.fill_(value)
-    path = tmp_path / "crossstitch.pt"
+    path = tmp_path / "crossstitch.safetensors"
     crossstitch.save(model, path)
     return path
 
@@ -287,13 +291,17 @@ def test_bad_config_values_in_a_file_are_refused(cli, tmp_path, field, value):
     payload = torch.load(tmp_path / "crossstitch.pt", weights_only=True)
     payload["config"][field] = value
     torch.save(payload, tmp_path / "crossstitch.pt")
-    for command in (["verify"], ["inspect"], ["export", "--format", "pt2"]):
+    for command in (
+        ["verify", "crossstitch.pt"],
+        ["inspect", "crossstitch.pt"],
+        ["export", "--format", "pt2", "-m", "crossstitch.pt"],
+    ):
         code, _, err = cli(*command)
         assert code == 2 and f"config field '{field}'" in err.splitlines()[0], (command, err)
 
 
 def test_an_input_size_the_model_cannot_take_is_refused_at_verify(cli, tmp_path):
-    crossstitch.save(build("vgg11"), tmp_path / "crossstitch.pt")
+    crossstitch.save(build("vgg11"), tmp_path / "crossstitch.safetensors")
     code, _, err = cli("verify", "--input-size", "1")
     assert code == 2 and "--input-size: 1x1 is too small for vgg11" in err.splitlines()[0], err
 
@@ -310,7 +318,9 @@ def test_onnx_metadata_missing_fields_is_refused(cli, exported, tmp_path):
             prop.value = json.dumps(config)
     onnx.save(proto, str(tmp_path / "m.onnx"))
     for command in ("verify", "inspect"):
-        against = ["--against", str(folder / "crossstitch.pt")] if command == "verify" else []
+        against = (
+            ["--against", str(folder / "crossstitch.safetensors")] if command == "verify" else []
+        )
         code, _, err = cli(command, "m.onnx", *against)
         assert code == 2 and "config field" in err.splitlines()[0], err
 

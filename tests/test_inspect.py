@@ -94,9 +94,9 @@ def test_human_output_draws_each_unit_as_a_heatmap(cli, tmp_path, monkeypatch):
 def test_onnx_file_reports_the_same_numbers_as_its_checkpoint(cli, exported, tmp_path):
     folder, _ = exported
     shutil.copy(folder / "crossstitch.onnx", tmp_path / "m.onnx")
-    shutil.copy(folder / "crossstitch.pt", tmp_path / "m.pt")
+    shutil.copy(folder / "crossstitch.safetensors", tmp_path / "m.safetensors")
     from_onnx = json.loads(cli("inspect", "m.onnx", "--json")[1])
-    from_checkpoint = json.loads(cli("inspect", "m.pt", "--json")[1])
+    from_checkpoint = json.loads(cli("inspect", "m.safetensors", "--json")[1])
     assert from_onnx["format"] == "onnx"
     for key in ("tasks", "stages", "stage_table"):
         assert from_onnx[key] == from_checkpoint[key]
@@ -107,7 +107,7 @@ def test_onnx_values_are_the_ones_the_graph_runs(cli, exported, tmp_path):
     folder, _ = exported
     path = tmp_path / "m.onnx"
     shutil.copy(folder / "crossstitch.onnx", path)
-    shutil.copy(folder / "crossstitch.pt", tmp_path / "crossstitch.pt")
+    shutil.copy(folder / "crossstitch.safetensors", tmp_path / "crossstitch.safetensors")
     proto = onnx.load(str(path))
     (tensor,) = [t for t in proto.graph.initializer if t.name == "cross_stitch.layer2.weight"]
     values = onnx.numpy_helper.to_array(tensor).copy()
@@ -187,4 +187,4 @@ def test_foreign_and_damaged_files_are_one_error_line(cli, tmp_path, write, expe
 
 def test_missing_file_names_the_path(cli):
     code, _, err = cli("inspect")
-    assert code == 2 and "crossstitch.pt does not exist" in err
+    assert code == 2 and "crossstitch.safetensors does not exist" in err

@@ -70,9 +70,9 @@ def test_export_tables_show_every_file_and_verdict_whole(cli, artifacts, width):
 
 
 def test_inspect_shows_every_weight_and_share_whole(cli, artifacts, width):
-    code, out, err = cli("inspect", "crossstitch.pt", "--json")
+    code, out, err = cli("inspect", "crossstitch.safetensors", "--json")
     layer1 = json.loads(out)["stages"]["layer1"]
-    code, out, err = cli("inspect", "crossstitch.pt")
+    code, out, err = cli("inspect", "crossstitch.safetensors")
     assert code == 0, err
     values = [f"{v:.3f}" for row in layer1["matrix"] for v in row]
     _whole(out, [*values, "seg", "depth", "2×2×64", f"{layer1['sharing'][0]:.1%}"])

@@ -16,14 +16,17 @@ from helpers import EXE, interrupt_when_staged
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_build_interrupted_while_saving_keeps_the_previous_file(tmp_path, sig):
-    previous = tmp_path / "crossstitch.pt"
+    previous = tmp_path / "crossstitch.safetensors"
     previous.write_bytes(b"previous good checkpoint")
     code, err = interrupt_when_staged(
-        ["build", "resnet50", "--tasks", "a,b,c,d", "--force"], tmp_path, ".crossstitch.pt.*", sig
+        ["build", "resnet50", "--tasks", "a,b,c,d", "--force"],
+        tmp_path,
+        ".crossstitch.safetensors.*",
+        sig,
     )
     assert code in (130, 128 + sig), err
     assert b"Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["crossstitch.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crossstitch.safetensors"]
     assert previous.read_bytes() == b"previous good checkpoint"
 
 
@@ -70,14 +73,18 @@ def test_absurd_heads_are_refused_by_the_estimate_in_every_command(cli, tmp_path
     payload = torch.load(path, weights_only=True)
     payload["config"]["heads"] = {"a": 2**31 - 1}
     torch.save(payload, path)
-    for args in (["verify"], ["export", "--format", "pt2"], ["bench", "--runs", "1"]):
+    for args in (
+        ["verify", "crossstitch.pt"],
+        ["export", "--format", "pt2", "-m", "crossstitch.pt"],
+        ["bench", "--model", "crossstitch.pt", "--runs", "1"],
+    ):
         code, _, err = cli(*args)
         assert code == 2 and "GB of memory" in err.splitlines()[0], (args, err)
 
 
 def test_oversized_verification_and_benchmark_are_refused(cli, exported):
     folder, _ = exported
-    checkpoint = str(folder / "crossstitch.pt")
+    checkpoint = str(folder / "crossstitch.safetensors")
     for args in (
         ["verify", checkpoint, "--batch", "100000"],
         ["verify", str(folder / "crossstitch.onnx"), "--against", checkpoint, "--batch", "100000"],

@@ -39,7 +39,7 @@ def test_each_artifact_verifies_against_its_checkpoint(cli, folder, name):
     code, out, err = cli("verify", name, "--batch", "1", "--input-size", "72", "100", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["passed"] and result["against"] == "crossstitch.pt"
+    assert result["passed"] and result["against"] == "crossstitch.safetensors"
     assert result["inputs"] == {"batch": 1, "height": 72, "width": 100, "seed": 0}
     assert [o["shape"] for o in result["comparison"]["outputs"]] == [[1, 512, 3, 4]] * 2
 
@@ -96,7 +96,7 @@ BAD_FILES = {
         "",
     ),
     "truncated checkpoint": (
-        lambda p: p.write_bytes((p.parent / "crossstitch.pt").read_bytes()[:9000]),
+        lambda p: p.write_bytes((p.parent / "crossstitch.safetensors").read_bytes()[:9000]),
         "",
     ),
     "plain state_dict": (lambda p: torch.save(build().state_dict(), p), "plain state_dict"),
@@ -154,14 +154,14 @@ def test_bad_export_requests_are_refused_before_any_work(cli, folder, case):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["crossstitch.pt", "--against", "other.pt"], "verified against the reference"),
+        (["crossstitch.safetensors", "--against", "other.pt"], "verified against the reference"),
         (["crossstitch.onnx", "--against", "reference"], "against the checkpoint it came from"),
         (["crossstitch.onnx", "--against", "nothing.pt"], "nothing.pt does not exist"),
-        (["crossstitch.pt", "--batch", "0"], "--batch"),
-        (["crossstitch.pt", "--seed", "-2"], "--seed"),
-        (["crossstitch.pt", "--atol", "-1"], "--atol"),
+        (["crossstitch.safetensors", "--batch", "0"], "--batch"),
+        (["crossstitch.safetensors", "--seed", "-2"], "--seed"),
+        (["crossstitch.safetensors", "--atol", "-1"], "--atol"),
         (["crossstitch.onnx", "--input-size", "1", "2", "3"], "--input-size"),
-        (["crossstitch.pt", "--input-size", "-3"], "--input-size"),
+        (["crossstitch.safetensors", "--input-size", "-3"], "--input-size"),
     ],
 )
 def test_bad_verify_requests_are_refused(cli, folder, args, expected):
