@@ -7,12 +7,13 @@ answer quickly.
 from __future__ import annotations
 
 import errno
+import inspect
 import math
 import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -162,6 +163,21 @@ app = typer.Typer(
 )
 
 
+def command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command whose help is its docstring, paragraphs rewrapped to the terminal.
+
+    Typer keeps the single line breaks of every paragraph after the first, which cuts lines
+    mid-sentence in narrow terminals; joining them lets Rich wrap the text.
+    """
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        paragraphs = inspect.cleandoc(function.__doc__ or "").split("\n\n")
+        text = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+        return app.command(name, help=text)(function)
+
+    return register
+
+
 class Format(str, Enum):
     """The export formats, and all of them."""
 
@@ -305,7 +321,7 @@ def _timm_pretrained(weights: str) -> bool:
     return weights.lower() == "pretrained"
 
 
-@app.command()
+@command()
 def build(
     arch: Annotated[
         str,
@@ -501,9 +517,17 @@ def _formats(fmt: Format) -> list[str]:
     return [f.value for f in Format if f is not Format.all] if fmt is Format.all else [fmt.value]
 
 
-@app.command()
+@command()
 def export(
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="The format, or all three.")],
+    fmt: Annotated[
+        Format,
+        typer.Option(
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="onnx, torchscript, pt2, or all for the three.",
+        ),
+    ],
     model_path: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to export.")] = Path(
         "crossstitch.safetensors"
     ),
@@ -608,7 +632,7 @@ def export(
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def verify(
     path: Annotated[Path, typer.Argument(help="A checkpoint or an exported artifact.")] = Path(
         "crossstitch.safetensors"
@@ -731,7 +755,7 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def bench(
     arch: Annotated[
         str | None,
@@ -839,7 +863,7 @@ def bench(
         render.bench_table(result, skipped)
 
 
-@app.command()
+@command()
 def predict(
     images: Annotated[
         list[Path],
@@ -960,7 +984,7 @@ def predict(
         raise typer.Exit(1)
 
 
-@app.command(name="inspect")
+@command(name="inspect")
 def inspect_model(
     path: Annotated[
         Path, typer.Argument(help="A checkpoint or an ONNX file exported by crossstitch.")
@@ -1011,7 +1035,7 @@ def inspect_model(
             render.wrote(pictures)
 
 
-@app.command(name="list")
+@command(name="list")
 def list_architectures(
     pattern: Annotated[
         str | None,

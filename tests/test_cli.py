@@ -335,7 +335,7 @@ def test_help_shows_every_default_and_choice():
     ):
         assert shown in text, shown
     text = show("export")
-    assert "<onnx|torchscript|pt2|all>" in text and "per format" in text
+    assert "onnx, torchscript, pt2, or all" in text and "per format" in text
 
 
 def test_python_dash_m_and_completion_work_without_torch(tmp_path):
