@@ -491,14 +491,16 @@ def _share(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:.1%}"
 
 
-def _preprocess(preprocess: Any) -> list[str]:
-    """The input transform in three lines: resize and crop, mean and std, where it comes from."""
-    return [
+def _preprocess(preprocess: Any) -> None:
+    """The input transform in three summary lines: resize and crop, mean and std, its source."""
+    lines = [
         f"resize {preprocess.resize} ({preprocess.interpolation}), center crop {preprocess.crop}",
         f"mean {', '.join(map(str, preprocess.mean))}; std "
         f"{', '.join(map(str, preprocess.std))} (R, G, B)",
         f"from {preprocess.source}",
     ]
+    for label, text in zip(("preprocess", "", ""), lines, strict=True):
+        stdout.print(_field(label, text))
 
 
 def _heads(heads: dict) -> str:
@@ -552,8 +554,7 @@ def inspection(path: str, kind: str, report: Any) -> None:
     )
     if config.checkpoint_stages:
         stdout.print(_field("training", CHECKPOINTING))
-    for label, text in zip(("preprocess", "", ""), _preprocess(config.preprocess), strict=True):
-        stdout.print(_field(label, text))
+    _preprocess(config.preprocess)
     columns = [("stage", "left"), ("channels", "right"), ("reduction", "right")]
     columns += [("unit", "right"), ("sharing per task", "right")]
     rows: list[list[Cell]] = []
@@ -591,16 +592,6 @@ def _value(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:.4g}"
 
 
-def preprocess_line(transform: Any) -> str:
-    """The transform applied to every image, and where its values come from."""
-    mean = " ".join(f"{v:g}" for v in transform.mean)
-    std = " ".join(f"{v:g}" for v in transform.std)
-    return (
-        f"resize {transform.resize} ({transform.interpolation}), crop {transform.crop}, mean "
-        f"{mean}, std {std}: {transform.source}"
-    )
-
-
 def prediction_report(
     model: str,
     runtime: str,
@@ -619,7 +610,7 @@ def prediction_report(
     images = len(dict.fromkeys(r.image for r in rows))
     title = f"{model} ({runtime}) on {images} image{'s' if images > 1 else ''}"
     stdout.print(grid(title, columns, cells))
-    stdout.print(_field("preprocess", preprocess_line(transform)))
+    _preprocess(transform)
     stdout.print(_field("wrote", (folder, "green"), ": IMAGE.OUTPUT.npy (raw) and .png each"))
     for image, notes in dict.fromkeys((r.image, tuple(r.notes)) for r in rows if r.notes):
         stdout.print(_field("converted", f"{image}: {', '.join(notes)}"))

@@ -262,10 +262,26 @@ def test_debug_shows_the_traceback(cli):
     assert "Traceback" in err and "Error: --tasks: a cross-stitch network needs two or more" in err
 
 
-def test_help_list_and_usage_errors_do_not_import_torch():
+def run_without_torch(body: str, env: dict[str, str] | None = None):
+    """Run ``body`` in a fresh interpreter with ``app`` imported; it must succeed without torch."""
     script = (
         "import sys\n"
         "from crossstitch.cli.app import app\n"
+        f"{body}"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_help_list_and_usage_errors_do_not_import_torch():
+    result = run_without_torch(
         "codes = []\n"
         "for args in (['--help'], ['list'], ['build', '--help'], ['build'],\n"
         "             ['build', 'resnt18', '--tasks', 'a', 'b'], ['export', '--format', 'x']):\n"
@@ -273,11 +289,8 @@ def test_help_list_and_usage_errors_do_not_import_torch():
         "        app(args)\n"
         "    except SystemExit as exc:\n"
         "        codes.append(exc.code)\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print(codes)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[0, 0, 0, 2, 2, 2]"
 
 
@@ -345,17 +358,12 @@ def test_python_dash_m_and_completion_work_without_torch(tmp_path):
     assert (
         result.returncode == 0 and result.stdout.strip() == f"crossstitch {crossstitch.__version__}"
     )
-    script = (
-        "import os, sys\n"
-        "os.environ.update(_CROSSSTITCH_COMPLETE='complete_bash', COMP_WORDS='crossstitch bu',"
-        " COMP_CWORD='1')\n"
-        "from crossstitch.cli.app import app\n"
-        "try:\n"
-        "    app(prog_name='crossstitch')\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    result = run_without_torch(
+        "try:\n    app(prog_name='crossstitch')\nexcept SystemExit:\n    pass\n",
+        env={
+            "_CROSSSTITCH_COMPLETE": "complete_bash",
+            "COMP_WORDS": "crossstitch bu",
+            "COMP_CWORD": "1",
+        },
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
     assert "build" in result.stdout.split()
