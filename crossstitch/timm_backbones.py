@@ -232,11 +232,15 @@ def plan(name: str) -> Plan:
     )
 
 
-def preprocess_of(cfg: Mapping[str, Any], pretrained: bool) -> Preprocess:
+def preprocess_of(
+    cfg: Mapping[str, Any], pretrained: bool, input_size: int | None = None
+) -> Preprocess:
     """The input transform of the weights timm's pretrained config describes; ImageNet
-    defaults for random init."""
+    defaults for random init, cropped to the one size a fixed-size model takes."""
     if not pretrained:
-        return Preprocess()
+        from crossstitch.weights import default_preprocess
+
+        return default_preprocess(input_size)
     interpolation = cfg.get("interpolation", "bilinear")
     tag = f".{cfg['tag']}" if cfg.get("tag") else ""
     return Preprocess.from_crop(
@@ -306,7 +310,9 @@ def timm_config(
         weights_file=shared,
         task_weights=files,
         input_size=found.input_size,
-        preprocess=preprocess_of(found.pretrained_cfg, pretrained or shared is not None),
+        preprocess=preprocess_of(
+            found.pretrained_cfg, pretrained or shared is not None, found.input_size
+        ),
         checkpoint_stages=checkpoint_stages,
         source="timm",
         library_version=timm.__version__,
@@ -402,6 +408,16 @@ def build_timm(
             features = base if task == config.tasks[-1] else copy.deepcopy(base)
         models[task] = Staged(stage_modules(features), family)
     return assemble(models, config, head_modules)
+
+
+def pads_from_input_size(model: Any) -> bool:
+    """Whether ``model`` holds timm's TensorFlow-style "same" padding layers (the ``tf_``
+    models), which compute every pad from the input's height and width with ``math.ceil``."""
+    from timm.layers import AvgPool2dSame, Conv2dSame, ScaledStdConv2dSame, StdConv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    same = (AvgPool2dSame, Conv2dSame, MaxPool2dSame, ScaledStdConv2dSame, StdConv2dSame)
+    return any(isinstance(module, same) for module in model.modules())
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class ExportInput:
     shape: tuple[int, int, int, int]
     dynamic: bool
     spatial_free: bool
+    fixed_because: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,10 @@ def read_artifact_config(text: str, source: Path) -> tuple[CrossStitchConfig, Ex
     spatial_free = raw.get("spatial_free", dynamic)
     if not isinstance(dynamic, bool) or not isinstance(spatial_free, bool):
         raise CrossStitchError(f"{source}: config field 'dynamic' is missing or damaged")
-    return config, ExportInput(tuple(shape), dynamic, spatial_free)
+    because = raw.get("fixed_because")
+    if not (because is None or isinstance(because, str)):
+        raise CrossStitchError(f"{source}: config field 'fixed_because' is damaged")
+    return config, ExportInput(tuple(shape), dynamic, spatial_free, because)
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,30 @@ FIXED_SPATIAL = {
 }
 
 
+SAME_PADDING = (
+    "timm's TensorFlow-style 'same' padding computes each pad with math.ceil of the input size: "
+    "the pt2 program of tf_efficientnetv2_b0 exported with free height and width could not be "
+    "serialized, and its ONNX export took 392 s"
+)
+
+
+def fixed_because(model: CrossStitchBackbone) -> str | None:
+    """Why artifacts of ``model`` keep the export's height and width; None if they take any."""
+    if model.input_size is not None:
+        return f"{model.config.arch} takes one input size"
+    if model.config.family in FIXED_SPATIAL:
+        return FIXED_SPATIAL[model.config.family]
+    if model.config.source == "timm":
+        from crossstitch.timm_backbones import pads_from_input_size
+
+        if pads_from_input_size(model):
+            return SAME_PADDING
+    return None
+
+
 def spatial_free(model: CrossStitchBackbone) -> bool:
     """Whether artifacts of ``model`` take any height and width (else only the export's)."""
-    return model.input_size is None and model.config.family not in FIXED_SPATIAL
+    return fixed_because(model) is None
 
 
 def dynamic_shapes(model: CrossStitchBackbone, dynamic: bool) -> dict | None:
@@ -105,7 +130,8 @@ def dynamic_shapes(model: CrossStitchBackbone, dynamic: bool) -> dict | None:
 
     Height and width use ``Dim.AUTO``: torch.export derives the smallest size at which every
     stage still has features larger than 1x1, which is architecture-specific. Fixed-size models
-    (ViT, MaxViT) and the families in ``FIXED_SPATIAL`` keep the export's height and width.
+    (ViT, MaxViT), the families in ``FIXED_SPATIAL`` and timm models with TensorFlow-style
+    padding keep the export's height and width (``fixed_because``).
     """
     if not dynamic:
         return None
@@ -133,6 +159,7 @@ def input_config(model: CrossStitchBackbone, example: Tensor, options: ExportOpt
         "export_input": list(example.shape),
         "dynamic": options.dynamic,
         "spatial_free": options.dynamic and spatial_free(model),
+        "fixed_because": fixed_because(model),
     }
 
 

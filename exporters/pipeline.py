@@ -83,7 +83,9 @@ def check_artifact_size(artifact: Artifact, path: Path, size: tuple[int, int]) -
         why = "it was exported with --static"
     else:
         config = artifact.config
-        why = FIXED_SPATIAL.get(config.family, f"{config.arch} takes one input size")
+        why = artifact.export.fixed_because or FIXED_SPATIAL.get(
+            config.family, f"{config.arch} takes one input size"
+        )
     raise CrossStitchError(
         f"{path} takes {height}x{width} inputs only ({why}); {size[0]}x{size[1]} cannot be used",
         param="input_size",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,10 +62,16 @@ def interrupt_when_staged(
 ) -> tuple[int, bytes]:
     """Run the installed CLI, send ``sig`` once a file matching ``staged`` appears in ``cwd``.
 
-    Returns the exit code and stderr.
+    Returns the exit code and stderr. The CLI starts with SIGINT at its default, as from a
+    terminal: a shell starting the test run in the background (``pytest &``) leaves it ignored,
+    and that would be inherited.
     """
     process = subprocess.Popen(
-        [EXE, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [EXE, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 180
     while not list(cwd.glob(staged)) and time.monotonic() < deadline:

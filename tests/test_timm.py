@@ -12,7 +12,11 @@ import torch
 
 import crossstitch
 from crossstitch import CrossStitchBackbone, CrossStitchError
+from crossstitch.exporters.common import ExportOptions, dynamic_shapes
+from crossstitch.exporters.formats import FORMATS
+from crossstitch.exporters.pipeline import check_artifact_size, export_verified
 from crossstitch.reference import check_parity
+from crossstitch.timm_backbones import timm_config
 from helpers import image, load_script, randomize_units
 
 SMALL_MODELS = ["resnet10t", "mobilenetv3_small_050", "convnext_atto"]
@@ -72,6 +76,11 @@ def test_channel_last_swin_keeps_the_contract_and_its_one_size(timm):
     with pytest.raises(CrossStitchError, match="224x224"):
         model.check_input_size((64, 64))
     assert_identity(timm, name, model, image(batch=1, size=224))
+
+
+def test_a_fixed_size_model_records_a_crop_of_its_one_size(timm):
+    config = timm_config("maxvit_pico_rw_256", tasks=TASKS)
+    assert (config.input_size, config.preprocess.crop, config.preprocess.resize) == (256, 256, 292)
 
 
 def test_parity_with_the_reference_stays_bit_exact(timm):
@@ -165,6 +174,17 @@ def test_models_off_one_path_are_refused_before_building(timm, monkeypatch, name
     monkeypatch.setattr(timm_backbones, "build_timm", lambda *a, **k: pytest.fail("built"))
     with pytest.raises(CrossStitchError, match=reason):
         CrossStitchBackbone.from_timm(name, tasks=TASKS)
+
+
+def test_tensorflow_padding_keeps_the_export_size_and_says_why(timm, tmp_path):
+    model = from_timm("tf_mobilenetv3_small_minimal_100")
+    assert list(dynamic_shapes(model, dynamic=True)["x"]) == [0]
+    result = export_verified(model, "pt2", tmp_path / "m.pt2", (64, 64), ExportOptions())
+    assert result.passed and (result.inputs.batch, result.inputs.height) == (3, 64)
+    artifact = FORMATS["pt2"].load(tmp_path / "m.pt2")
+    with pytest.raises(CrossStitchError, match="TensorFlow-style 'same' padding"):
+        check_artifact_size(artifact, tmp_path / "m.pt2", (96, 96))
+    assert list(dynamic_shapes(from_timm("mobilenetv3_small_050"), dynamic=True)["x"]) == [0, 2, 3]
 
 
 def test_cli_builds_exports_and_verifies_a_timm_model(timm, cli):
