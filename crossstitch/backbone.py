@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from crossstitch.config import CrossStitchConfig, check_tasks
 from crossstitch.dilation import apply_output_stride, check_output_stride
-from crossstitch.errors import CrossStitchError
+from crossstitch.errors import CrossStitchError, first_line
 from crossstitch.families import Split, channel_dim, family_of, nominal_reduction, resolution
 from crossstitch.heads import build_heads, check_heads, head_output
 from crossstitch.recompute import run_stage
@@ -31,6 +31,8 @@ from crossstitch.weights import (
 )
 
 PROBE_SIZE = 224
+# Where smallest_export_size gives up: no architecture here needs more.
+LARGEST_PROBE = 1024
 # Recombines the task features after one stage: ``stitch(stage, {task: features})``.
 Stitch = Callable[[str, dict[str, Tensor]], dict[str, Tensor]]
 
@@ -192,23 +194,43 @@ class CrossStitchBackbone(nn.Module):
         return names
 
     def check_input_size(self, size: Sequence[int]) -> None:
-        """Refuse an input size that a fixed-size model (ViT, MaxViT) cannot take."""
-        check_fixed_size(self.config.arch or self.config.family, self.input_size, tuple(size))
+        """Refuse an input size that a fixed-size model (ViT, MaxViT) cannot take, or that is
+        too small for one of its layers (tried on the meta device)."""
+        name = self.config.arch or self.config.family
+        check_fixed_size(name, self.input_size, tuple(size))
+        try:
+            probe_shapes(self.backbones[self.tasks[0]], (size[0], size[1]))
+        except RuntimeError as exc:
+            raise CrossStitchError(
+                f"{size[0]}x{size[1]} is too small for {name}: {first_line(exc)}",
+                param="input_size",
+            ) from exc
 
     def smallest_export_size(self, at_least: int = 32) -> int:
         """The smallest square input, a multiple of 32 from ``at_least`` up, at which every stage
         has features of at least 2x2: exporters specialise a dimension of size 1, so an artifact
-        exported at that size would accept no other.
+        exported at that size would accept no other. Sizes at which a layer refuses its input
+        (a kernel larger than the padded map, as in Inception) count as too small.
         """
         if self.input_size is not None:
             return self.input_size
         backbone = self.backbones[self.tasks[0]]
+
+        def large_enough(size: int) -> bool:
+            try:
+                shapes = probe_shapes(backbone, (size, size))
+            except RuntimeError:
+                return False
+            return min(resolution(s, self.layout) for s in shapes.values()) >= 2
+
         size = -(-at_least // 32) * 32
-        while (
-            min(resolution(s, self.layout) for s in probe_shapes(backbone, (size, size)).values())
-            < 2
-        ):
+        while not large_enough(size):
             size += 32
+            if size > LARGEST_PROBE:
+                raise CrossStitchError(
+                    f"no input up to {LARGEST_PROBE}x{LARGEST_PROBE} keeps every stage of "
+                    f"{self.config.arch} at 2x2 or more"
+                )
         return size
 
     def _stage_info(self, size: int) -> list[StageInfo]:
