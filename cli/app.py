@@ -825,6 +825,7 @@ def bench(
     from crossstitch.checkpoint import load
     from crossstitch.exporters.bench import artifacts_beside, run_bench
     from crossstitch.memory import check_build
+    from crossstitch.summary import probe_or_refuse
     from crossstitch.timm_backbones import timm_config
 
     if arch is not None:
@@ -844,6 +845,7 @@ def bench(
         artifacts, skipped = artifacts_beside(model, model_path, threads or torch.get_num_threads())
     size = size or (model.input_size or BENCH_SIZE,) * 2
     model.check_input_size(size)
+    probe_or_refuse(model, size)
     rounds = f"{runs} rounds, inference{' and training' if training else ''}"
     with render.working(f"Timing {rounds}", quiet=json_output):
         result = run_bench(

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from crossstitch.config import CrossStitchConfig, check_tasks
 from crossstitch.dilation import apply_output_stride, check_output_stride
-from crossstitch.errors import CrossStitchError, first_line
+from crossstitch.errors import CrossStitchError
 from crossstitch.families import Split, channel_dim, family_of, nominal_reduction, resolution
 from crossstitch.heads import build_heads, check_heads, head_output
 from crossstitch.recompute import run_stage
@@ -194,17 +194,8 @@ class CrossStitchBackbone(nn.Module):
         return names
 
     def check_input_size(self, size: Sequence[int]) -> None:
-        """Refuse an input size that a fixed-size model (ViT, MaxViT) cannot take, or that is
-        too small for one of its layers (tried on the meta device)."""
-        name = self.config.arch or self.config.family
-        check_fixed_size(name, self.input_size, tuple(size))
-        try:
-            probe_shapes(self.backbones[self.tasks[0]], (size[0], size[1]))
-        except RuntimeError as exc:
-            raise CrossStitchError(
-                f"{size[0]}x{size[1]} is too small for {name}: {first_line(exc)}",
-                param="input_size",
-            ) from exc
+        """Refuse an input size that a fixed-size model (ViT, MaxViT) cannot take."""
+        check_fixed_size(self.config.arch or self.config.family, self.input_size, tuple(size))
 
     def smallest_export_size(self, at_least: int = 32) -> int:
         """The smallest square input, a multiple of 32 from ``at_least`` up, at which every stage

@@ -300,9 +300,10 @@ def test_bad_config_values_in_a_file_are_refused(cli, tmp_path, field, value):
         assert code == 2 and f"config field '{field}'" in err.splitlines()[0], (command, err)
 
 
-def test_an_input_size_the_model_cannot_take_is_refused_at_verify(cli, tmp_path):
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_an_input_size_the_model_cannot_take_is_refused(cli, tmp_path, command):
     crossstitch.save(build("vgg11"), tmp_path / "crossstitch.safetensors")
-    code, _, err = cli("verify", "--input-size", "1")
+    code, _, err = cli(command, "--input-size", "1")
     assert code == 2 and "--input-size: 1x1 is too small for vgg11" in err.splitlines()[0], err
 
 

@@ -18,6 +18,7 @@ from crossstitch.exporters.formats import FORMATS
 from crossstitch.exporters.pipeline import check_artifact_size, export_verified
 from crossstitch.families import resolution
 from crossstitch.reference import check_parity
+from crossstitch.summary import probe_or_refuse
 from crossstitch.timm_backbones import timm_config
 from helpers import image, load_script, randomize_units
 
@@ -180,12 +181,12 @@ def test_models_off_one_path_are_refused_before_building(timm, monkeypatch, name
 
 def test_sizes_a_layer_refuses_are_an_error_and_skipped_by_the_smallest_size(timm):
     model = from_timm("inception_v3")
-    with pytest.raises(CrossStitchError, match=r"64x64 is too small for inception_v3: .*Kernel"):
-        model.check_input_size((64, 64))
+    with pytest.raises(CrossStitchError, match=r"64x64 is too small for inception_v3 \(.*Kernel"):
+        probe_or_refuse(model, (64, 64))
     size = model.smallest_export_size(64)
     shapes = probe_shapes(model.backbones["seg"], (size, size)).values()
     assert size > 64 and min(resolution(s, model.layout) for s in shapes) >= 2
-    model.check_input_size((size, size))
+    probe_or_refuse(model, (size, size))
 
 
 def test_tensorflow_padding_keeps_the_export_size_and_says_why(timm, tmp_path):
