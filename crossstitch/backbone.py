@@ -42,6 +42,26 @@ def stage_output(task: str, stage: str) -> str:
     return f"{task}.{stage}"
 
 
+def task_weight_paths(task_weights: Mapping[str, str | os.PathLike[str]] | None) -> dict[str, str]:
+    """``task_weights`` with every file as a plain path string; anything else is refused."""
+    files = {}
+    for task, path in (task_weights or {}).items():
+        if not isinstance(path, str | os.PathLike):
+            raise CrossStitchError(
+                f"the file of task {task!r} must be a path, got {path!r}", param="task_weights"
+            )
+        files[task] = os.fspath(path)
+    return files
+
+
+def check_weight_files(shared: tuple[str, str | None], files: Mapping[str, str]) -> None:
+    """Refuse a weights file that is missing: ``shared`` is (option, path or None), ``files``
+    the task weights."""
+    for param, path in [shared, *(("task_weights", p) for p in files.values())]:
+        if path is not None and not os.path.isfile(path):
+            raise CrossStitchError(f"{path} does not exist or is not a file", param=param)
+
+
 def select_stages(available: Sequence[str], stages: Sequence[str] | str | None) -> tuple[str, ...]:
     """The stitched stages in network order; ``None`` or ``"all"`` mean every stage."""
     if stages is None or stages == "all" or list(stages) == ["all"]:
@@ -390,13 +410,7 @@ def torchvision_config(
         check_head_layout(arch, spec.layout)
     check_output_stride(arch, spec.family, output_stride)
     name, weights_file = resolve_weights(arch, weights)
-    files = {}
-    for task, path in (task_weights or {}).items():
-        if not isinstance(path, str | os.PathLike):
-            raise CrossStitchError(
-                f"the file of task {task!r} must be a path, got {path!r}", param="task_weights"
-            )
-        files[task] = os.fspath(path)
+    files = task_weight_paths(task_weights)
     config = CrossStitchConfig(
         arch=arch,
         family=spec.family,
@@ -415,9 +429,7 @@ def torchvision_config(
         checkpoint_stages=checkpoint_stages,
         preprocess=preprocess_for(arch, name, weights_file, spec.input_size),
     )
-    for param, path in [("weights", weights_file), *(("task_weights", p) for p in files.values())]:
-        if path is not None and not os.path.isfile(path):
-            raise CrossStitchError(f"{path} does not exist or is not a file", param=param)
+    check_weight_files(("weights", weights_file), files)
     return config
 
 

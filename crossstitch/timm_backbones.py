@@ -269,7 +269,7 @@ def timm_config(
     checkpoint_stages: bool = False,
 ) -> CrossStitchConfig:
     """The config ``from_timm`` builds, every option checked; only meta tensors are made."""
-    from crossstitch.backbone import select_stages
+    from crossstitch.backbone import check_weight_files, select_stages, task_weight_paths
     from crossstitch.heads import check_heads
     from crossstitch.stages import check_head_layout
 
@@ -280,19 +280,11 @@ def timm_config(
         raise CrossStitchError(f"must be True or False, got {pretrained!r}", param="pretrained")
     if pretrained and weights_file is not None:
         raise CrossStitchError("give either pretrained=True or a weights_file, not both")
-    files = {}
-    for task, path in (task_weights or {}).items():
-        if not isinstance(path, str | os.PathLike):
-            raise CrossStitchError(
-                f"the file of task {task!r} must be a path, got {path!r}", param="task_weights"
-            )
-        files[task] = os.fspath(path)
+    files = task_weight_paths(task_weights)
     if weights_file is not None and not isinstance(weights_file, str | os.PathLike):
         raise CrossStitchError(f"must be a path, got {weights_file!r}", param="weights_file")
     shared = os.fspath(weights_file) if weights_file is not None else None
-    for param, path in [("weights_file", shared), *(("task_weights", p) for p in files.values())]:
-        if path is not None and not os.path.isfile(path):
-            raise CrossStitchError(f"{path} does not exist or is not a file", param=param)
+    check_weight_files(("weights_file", shared), files)
     found = plan(name)
     if heads:
         check_head_layout(PREFIX + name, found.layout)
